@@ -36,31 +36,28 @@ def nearest_plane(
     """Quantize every row of ``weight`` [N, K] (columns in quantization order).
 
     ``upper`` is the upper Cholesky factor of ``H⁻¹`` in the same order. ``grid_at(j, rest)``
-    returns the per-row scale and zero for column ``j``; ``rest`` holds the current
-    (error-updated) values of columns ``j … end of block``, for grids fixed lazily.
-    Returns the integer codes (float tensor) and the rounding residuals ``r``.
+    returns the per-row scale and zero for column ``j``; ``rest`` [k', N] holds the current
+    (error-updated) values of columns ``j … end of block``, transposed, for grids fixed lazily.
+    Returns the integer codes (float tensor) and the rounding residuals ``r``, both [N, K].
     """
-    w = weight.clone()
-    n, k = w.shape
-    codes = torch.empty_like(w)
-    resid = torch.empty_like(w)
+    wt = weight.T.contiguous()  # column j is the contiguous row wt[j]
+    k = wt.shape[0]
+    codes = torch.empty_like(wt)
+    resid = torch.empty_like(wt)
+    err = torch.empty_like(wt)
+    inv_diag = upper.diagonal().reciprocal()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2]
-        u1 = upper[i1:i2, i1:i2]
-        err = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            scale, zero = grid_at(i1 + i, w1[:, i:])
-            col = w1[:, i]
-            q = grid.round(col, scale, zero)
-            r = col - scale * (q - zero)
-            codes[:, i1 + i] = q
-            resid[:, i1 + i] = r
-            e = r / u1[i, i]
-            err[:, i] = e
-            w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1.0)
-        w[:, i2:].addmm_(err, upper[i1:i2, i2:], alpha=-1.0)
-    return codes, resid
+        for j in range(i1, i2):
+            scale, zero = grid_at(j, wt[j:i2])
+            q = grid.round(wt[j], scale, zero)
+            r = wt[j] - scale * (q - zero)
+            codes[j] = q
+            resid[j] = r
+            torch.mul(r, inv_diag[j], out=err[j])
+            wt[j + 1 : i2].addr_(upper[j, j + 1 : i2], err[j], alpha=-1.0)
+        wt[i2:].addmm_(upper[i1:i2, i2:].T, err[i1:i2], alpha=-1.0)
+    return codes.T, resid.T
 
 
 def babai_nearest_plane(

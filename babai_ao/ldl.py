@@ -56,19 +56,19 @@ def quantization_order(h: torch.Tensor, order: str) -> torch.Tensor:
 
 
 def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper ``U`` with ``H⁻¹ = UᵀU`` (GPTQ's factor); raises a clear error if ``H`` is not PD."""
-    lower, info = torch.linalg.cholesky_ex(h)
+    """Upper ``U`` with ``H⁻¹ = UᵀU`` (GPTQ's factor), without forming ``H⁻¹``.
+
+    With ``J`` the reversal and ``JHJ = LLᵀ``, ``H = VVᵀ`` for the upper ``V = JLJ``, so
+    ``U = V⁻¹ = J L⁻¹ J``: one Cholesky and one triangular solve.
+    """
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         raise BabaiError(
-            f"Hessian is not positive definite (Cholesky failed at column {int(info) - 1}): "
-            "use damp > 0 (default 0.01; try 0.1), calibrate on more tokens than input "
-            "features, or accumulate in float64")
-    hinv = torch.cholesky_inverse(lower)
-    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) != 0:
-        raise BabaiError("H⁻¹ is numerically not positive definite: raise damp or use "
-                         "dtype=torch.float64")
-    return upper
+            f"Hessian is not positive definite (Cholesky failed at column "
+            f"{h.shape[0] - int(info)}): use damp > 0 (default 0.01; try 0.1), calibrate on "
+            "more tokens than input features, or accumulate in float64")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 def pivots(h: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ def quantize_weight(
     def grid_at(j: int, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gi = group_of[j]
         if not static and j % g == 0:
-            scale[:, gi], zero[:, gi] = grid.fit(rest[:, :g])
+            scale[:, gi], zero[:, gi] = grid.fit(rest[:g].T)
         return scale[:, gi], zero[:, gi]
 
     if not static and block_size % g:
@@ -165,10 +165,11 @@ def quantize_weight(
     half = 0.5 * scale[:, perm // g]
     clipped = int((resid_p.abs() > half * (1 + 1e-5) + 1e-12).sum()) if clip else 0
     zero_bits = bits  # zeros are stored packed at the code width
+    error = float(((diff @ h) * diff).sum())
     cert = Certificate(
         pivots=d,
-        error=float(((diff @ h) * diff).sum()),
-        error_undamped=float(((diff @ h0) * diff).sum()),
+        error=error,
+        error_undamped=error - lam * float(diff.pow(2).sum()),  # H = H0 + λI off dead columns
         identity=float((resid_p.pow(2) * d).sum()),
         bound=float(0.25 * (step2 * d).sum()),
         clipped=clipped,
