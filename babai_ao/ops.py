@@ -1,21 +1,48 @@
 """The ``babai::`` custom ops: one op per quantized linear, seen whole by compile and export.
 
 ``babai::linear(x, packed, scales, zeros, bias, bits, group_size, in_features,
-outlier_ptr, outlier_idx, outlier_val)`` computes ``x @ Wᵀ + bias`` with
+outlier_ptr, outlier_idx, outlier_val, act_perm)`` computes ``x[..., perm] @ Wᵀ + bias`` with
 
     W[n, k] = s[n, k//g] · (q[n, k] − z[n, k//g])  +  s[n, k//g] · δ[n, k]
 
 where ``q`` are b-bit codes packed per row (``babai_ao.packing``), ``z`` the group zeros
-packed flat (N·G codes at b bits), and ``δ`` an optional sparse integer correction in CSR
-form (row pointers [N+1], column indices, integer deltas) — SSQR's outliers. The reference
-implementation here runs on any device; ``babai_ao.kernels`` registers fused kernels.
+packed flat (N·G codes at b bits), ``δ`` an optional sparse integer correction in CSR
+form (row pointers [N+1], column indices, integer deltas) — SSQR's outliers — and ``perm``
+an optional gather of the activation columns (``None``: identity). ``babai::dequantize``
+returns ``W`` itself (the pattern ``babai_ao.passes`` rewrites away). The implementations
+here are the references; importing this module registers the device kernels of
+``babai_ao.kernels`` (Triton on CUDA, a vectorized unpack on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .packing import unpack
+from .errors import BabaiError
+from .grid import SUPPORTED_BITS
+from .packing import packed_size, unpack
+
+
+def check_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int, in_features: int) -> None:
+    """Shape/dtype checks of the storage format (no data-dependent checks: compile-safe)."""
+    if bits not in SUPPORTED_BITS:
+        raise BabaiError(f"bits={bits} is not a packed width: use one of {SUPPORTED_BITS}")
+    if group_size <= 0 or in_features % group_size:
+        raise BabaiError(f"in_features={in_features} is not a multiple of group_size="
+                         f"{group_size}: quantize with a group size that divides in_features")
+    n = packed.shape[0]
+    g = in_features // group_size
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, packed_size(in_features, bits)):
+        raise BabaiError(f"packed must be uint8 [N, {packed_size(in_features, bits)}] for "
+                         f"{in_features} {bits}-bit codes, got {packed.dtype} "
+                         f"{tuple(packed.shape)}: pack the codes with babai_ao.packing.pack")
+    if tuple(scales.shape) != (n, g):
+        raise BabaiError(f"scales must be [N, G] = [{n}, {g}], got {tuple(scales.shape)}")
+    if zeros.dtype != torch.uint8 or zeros.numel() != packed_size(n * g, bits):
+        raise BabaiError(f"zeros must be the N·G={n * g} zero codes packed flat at {bits} "
+                         f"bits ({packed_size(n * g, bits)} uint8), got {zeros.dtype} "
+                         f"{tuple(zeros.shape)}: pack zeros.reshape(1, -1)")
 
 
 def dequantize_packed(
@@ -60,15 +87,49 @@ def linear(
     outlier_ptr: torch.Tensor | None = None,
     outlier_idx: torch.Tensor | None = None,
     outlier_val: torch.Tensor | None = None,
+    act_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     w = dequantize_packed(packed, scales, zeros, bits, group_size, in_features,
                           outlier_ptr, outlier_idx, outlier_val, dtype=torch.float32)
-    out = torch.nn.functional.linear(x.to(torch.float32), w,
-                                     None if bias is None else bias.to(torch.float32))
+    xf = x.to(torch.float32)
+    if act_perm is not None:
+        xf = xf.index_select(-1, act_perm)
+    out = torch.nn.functional.linear(xf, w, None if bias is None else bias.to(torch.float32))
     return out.to(x.dtype)
 
 
 @linear.register_fake
 def _(x, packed, scales, zeros, bias, bits, group_size, in_features,
-      outlier_ptr=None, outlier_idx=None, outlier_val=None):
+      outlier_ptr=None, outlier_idx=None, outlier_val=None, act_perm=None):
+    check_packed(packed, scales, zeros, bits, group_size, in_features)
+    if x.shape[-1] != in_features:
+        raise BabaiError(f"x has {x.shape[-1]} features, the layer expects {in_features}")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("babai::dequantize", mutates_args=())
+def dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    outlier_ptr: torch.Tensor | None = None,
+    outlier_idx: torch.Tensor | None = None,
+    outlier_val: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``W`` [N, K] in ``dtype``; a float weight, so compiled models should not keep it."""
+    return dequantize_packed(packed, scales, zeros, bits, group_size, in_features,
+                             outlier_ptr, outlier_idx, outlier_val, dtype)
+
+
+@dequantize.register_fake
+def _(packed, scales, zeros, bits, group_size, in_features, outlier_ptr=None,
+      outlier_idx=None, outlier_val=None, dtype=torch.float32):
+    check_packed(packed, scales, zeros, bits, group_size, in_features)
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+from babai_ao.kernels import register as _register  # noqa: E402,F401  (device kernels)

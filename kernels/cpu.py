@@ -1,0 +1,65 @@
+"""CPU path of ``babai::linear``: vectorized unpack of whole rows, dequant, one ``mm``.
+
+Unpacking uses byte-wide shifts (``b`` ∈ {2, 4, 8}: codes never straddle a byte) or one
+24-bit word per 3 bytes (3-bit: 8 codes), instead of the reference's int64 words. The
+dequantized weight ``W = s·(q − z)`` lives only inside this call (the op is opaque to
+compile, so no float weight appears in any graph); rows are processed in chunks so the
+temporary stays cache-sized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_CHUNK = 1024
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """First ``n`` codes of each packed row, as uint8 (same result as ``packing.unpack``)."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed[:, :n]
+    if 8 % bits == 0:  # stacking shifted copies measured 3x faster than a broadcast shift
+        codes = torch.stack([(packed >> i) & (2**bits - 1) for i in range(0, 8, bits)], -1)
+    else:  # 3 bits: 3 bytes hold 8 codes
+        b = packed.reshape(rows, -1, 3).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+        codes = ((word[..., None] >> shifts) & 7).to(torch.uint8)
+    return codes.reshape(rows, -1)[:, :n]
+
+
+def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, z: torch.Tensor, bits: int,
+                    group_size: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``W = s·(q − z)`` for a block of rows; ``z`` already unpacked [rows, G]."""
+    rows, g = scales.shape
+    q = unpack_rows(packed, bits, in_features).reshape(rows, g, group_size).to(dtype)
+    return ((q - z.to(dtype)[..., None]) * scales.to(dtype)[..., None]).reshape(rows, -1)
+
+
+def linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+               in_features: int, outlier_ptr: torch.Tensor | None = None,
+               outlier_idx: torch.Tensor | None = None, outlier_val: torch.Tensor | None = None,
+               act_perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[..., perm] @ Wᵀ + bias``, computed in float32 (bf16/fp16 only at the ends)."""
+    n, g = scales.shape
+    x2 = x.reshape(-1, in_features).to(torch.float32)
+    if act_perm is not None:
+        x2 = x2.index_select(1, act_perm)
+    z = unpack_rows(zeros.reshape(1, -1), bits, n * g).reshape(n, g)
+    out_t = torch.empty(n, x2.shape[0], dtype=torch.float32)  # rows of Wx, chunk-contiguous
+    for r0 in range(0, n, ROW_CHUNK):
+        r1 = min(n, r0 + ROW_CHUNK)
+        w = dequantize_rows(packed[r0:r1], scales[r0:r1], z[r0:r1], bits, group_size,
+                            in_features, torch.float32)
+        torch.mm(w, x2.t(), out=out_t[r0:r1])
+    out = out_t.t()
+    if outlier_ptr is not None and outlier_idx.numel():
+        rows = torch.repeat_interleave(torch.arange(n), outlier_ptr[1:] - outlier_ptr[:-1])
+        cols = outlier_idx.to(torch.int64)
+        delta = scales[rows, cols // group_size].to(torch.float32) * outlier_val.to(torch.float32)
+        out.index_add_(1, rows, x2[:, cols] * delta)
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
