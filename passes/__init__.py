@@ -1,0 +1,15 @@
+"""Inductor graph passes for babai-ao (torch only; no torchao at import).
+
+``install()`` registers ``BabaiPostGradPass`` (dequantize → mm/addmm ⇒ ``babai::linear``,
+folding bias and activation permutation); ``capture_post_grad()`` records post-grad graphs;
+``assert_no_float_weight`` proves no quantized layer's float weight is built.
+"""
+
+from __future__ import annotations
+
+from .check import assert_no_float_weight, quantized_layers
+from .fuse import BabaiPostGradPass, rewrite_dequant_matmul
+from .install import capture_post_grad, install, installed_pass, uninstall
+
+__all__ = ["BabaiPostGradPass", "assert_no_float_weight", "capture_post_grad", "install",
+           "installed_pass", "quantized_layers", "rewrite_dequant_matmul", "uninstall"]
