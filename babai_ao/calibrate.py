@@ -273,7 +273,7 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     return accs, outputs
 
 
-def _install(linear: nn.Linear, qw: QuantizedWeight) -> None:
+def install(linear: nn.Linear, qw: QuantizedWeight) -> None:
     """Replace ``linear.weight`` by the quantized tensor (dequantized copy if no subclass)."""
     dtype = linear.weight.dtype
     if importlib.util.find_spec(f"{__package__}.tensor") is None:
@@ -294,7 +294,7 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
         linear = modules[name]
         t0 = time.perf_counter()
         qw = quantize_weight(linear.weight.detach(), acc.hessian, **qkwargs)
-        _install(linear, qw)
+        install(linear, qw)
         c = qw.certificate
         rows.append(LayerReport(
             name=f"{prefix}.{name}", trace_d=c.trace_d, error=c.error,

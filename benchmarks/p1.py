@@ -1,0 +1,171 @@
+"""One row of the P1 accuracy benchmark (``../shared/BENCHMARK-PROTOCOL.md``).
+
+SmolLM2-135M-Instruct fp32 on CPU; every decoder ``nn.Linear`` quantized (not embeddings,
+not lm_head); calibration 128 × 512 tokens of wiki.valid.tokens (seed 0); perplexity on the
+first 40 windows × 2048 tokens of wiki.test.raw.
+
+    python benchmarks/p1.py --method babai --bits 4 --group-size 64 --order act \
+        --mode sequential --out runs/babai-w4g64-act-seq.json
+
+``--method float`` evaluates the float model; ``rtn`` is ``quantize_weight`` with ``H = I``
+(round-to-nearest on the same grid); ``babai`` runs ``quantize_model`` (``--mode sequential``:
+each block calibrated on the outputs of the quantized blocks before it; ``--mode observe``:
+Hessians of the float model only, as torchao's observe/convert flow). The JSON records PPL,
+wall times (calibrate + quantize, evaluation), threads, date, average stored bits per weight
+and the per-layer certificate rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from babai_ao import quantize_weight
+from babai_ao.calibrate import decoder_blocks, install, quantize_model
+from babai_ao.data import calibration_windows, test_tokens
+from babai_ao.evaluate import window_losses
+from babai_ao.models import load_smollm2
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    path, blocks = decoder_blocks(model)
+    return [(f"{path}.{i}.{n}", m) for i, b in enumerate(blocks)
+            for n, m in b.named_modules() if isinstance(m, nn.Linear)]
+
+
+def stored_bits(model: nn.Module) -> tuple[float | None, str]:
+    """Average stored bits per weight of the quantized decoder linears.
+
+    Counts every inner tensor of the installed tensor subclass (codes, scales, zeros, ...);
+    ``None`` if the weights are plain tensors (dequantized fallback install).
+    """
+    total_bytes, weights = 0, 0
+    for _, lin in decoder_linears(model):
+        w = lin.weight.detach()
+        if type(w) is torch.Tensor or not hasattr(w, "__tensor_flatten__"):
+            return None, "plain tensors installed (no subclass): see certificate bits"
+        names, _ = w.__tensor_flatten__()
+        for name in names:
+            inner = getattr(w, name)
+            total_bytes += inner.numel() * inner.element_size()
+        weights += w.shape[0] * w.shape[1]
+    return 8 * total_bytes / weights, f"inner tensors of {type(w).__name__}"
+
+
+def rtn(model: nn.Module, config: Any) -> list[dict[str, Any]]:
+    rows = []
+    for name, lin in decoder_linears(model):
+        qw = quantize_weight(lin.weight.detach(), None, bits=config.bits,
+                             group_size=config.group_size, symmetric=config.symmetric,
+                             clip=config.clip)
+        install(lin, qw)
+        rows.append({"name": name, "bits_per_weight": qw.certificate.bits_per_weight,
+                     "clipped": qw.certificate.clipped})
+    return rows
+
+
+def make_config(args: argparse.Namespace) -> tuple[Any, str]:
+    fields = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
+              "order": args.order, "clip": not args.no_clip, "damp": args.damp}
+    try:
+        from babai_ao.config import babai_config
+
+        return babai_config(**fields), "babai_config"
+    except ImportError:
+        return SimpleNamespace(**fields), "namespace (babai_ao.config not available)"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", choices=("float", "rtn", "babai"), required=True)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--order", choices=("natural", "act", "min-pivot"), default="act")
+    p.add_argument("--mode", choices=("sequential", "observe"), default="sequential")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--no-clip", action="store_true", help="unbounded codes (E <= B holds)")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--calib-n", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "protocol": "P1", "method": args.method, "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "load_average_start": os.getloadavg(), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "git": git_commit(),
+    }
+    model, tokenizer = load_smollm2()
+    if args.method != "float":
+        config, config_kind = make_config(args)
+        record.update(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                      clip=not args.no_clip, damp=args.damp, config=config_kind)
+        t0 = time.perf_counter()
+        if args.method == "rtn":
+            rows = rtn(model, config)
+            record["quant_seconds"] = time.perf_counter() - t0
+        else:
+            cal = calibration_windows(tokenizer, n=args.calib_n, seq_len=args.calib_len)
+            record["calibration"] = {
+                "n": args.calib_n, "seq_len": args.calib_len, "seed": 0,
+                "sha256_ids": hashlib.sha256(cal.numpy().tobytes()).hexdigest()[:16]}
+            report = quantize_model(model, config, cal, mode=args.mode,
+                                    batch_size=args.batch_size, progress=progress)
+            record["quant_seconds"] = time.perf_counter() - t0  # windows + calibrate + quantize
+            record.update(order=args.order, mode=args.mode,
+                          solver_seconds=report.solver_seconds,
+                          calibrate_quantize_seconds=report.seconds)
+            holding, applicable = report.bound_checks()
+            record["bound_checks"] = {"E_le_B": holding, "applicable_unclipped": applicable,
+                                      "layers": len(report.rows)}
+            rows = [{**r.__dict__, "bound_holds": r.bound_holds} for r in report.rows]
+        record["layers"] = rows
+        record["certificate_bits_per_weight"] = (
+            sum(r["bits_per_weight"] for r in rows) / len(rows))
+        record["avg_bits_per_weight"], record["bits_source"] = stored_bits(model)
+        record["clipped_total"] = sum(r["clipped"] for r in rows)
+    ids = test_tokens(tokenizer)
+    t0 = time.perf_counter()
+    losses = window_losses(model, ids, args.windows, args.seq_len, progress)
+    record.update(eval_seconds=time.perf_counter() - t0, windows=args.windows,
+                  seq_len=args.seq_len, test_tokens=ids.numel(), window_losses=losses,
+                  ppl=float(torch.tensor(losses, dtype=torch.float64).mean().exp()),
+                  load_average_end=os.getloadavg())
+    out.write_text(json.dumps(record, indent=1))
+    print(f"{args.method} PPL(P1) = {record['ppl']:.3f}  -> {out}")
+
+
+if __name__ == "__main__":
+    main()
