@@ -1,0 +1,133 @@
+"""Triton kernels (under TRITON_INTERPRET=1 on CPU) and the CPU path vs the reference.
+
+The interpreter is slow, so the fused-matmul grid is a hand-picked covering set, not the
+full cross product: every bit width, group size 32/64/128, M ∈ {1, 3, 17, 64}, activation
+dtype, outliers on/off and permutation on/off each appear, K and N are never multiples of
+the 32-wide interpreter tiles (K a multiple of the group only), plus two group sizes (16, 48)
+that do not divide the K tile, which take the per-element scale path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest too)
+
+import babai_ao.kernels  # noqa: E402,F401
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from _kernels_util import random_layer, reference  # noqa: E402
+from babai_ao.kernels.configs import INTERPRET  # noqa: E402
+from babai_ao.kernels.cpu import linear_cpu, unpack_rows  # noqa: E402
+
+from babai_ao.errors import BabaiError  # noqa: E402
+from babai_ao.ops import dequantize_packed  # noqa: E402
+from babai_ao.packing import pack, unpack  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="kernels were imported without TRITON_INTERPRET=1 and there is no GPU")
+
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+TOL = {F32: 1e-5, F16: 2e-3, BF16: 2e-2}  # relative to max |reference|
+
+# bits, group, M, N, K, dtype, outliers, permutation
+CASES = [
+    (2, 32, 1, 40, 96, F16, False, False),
+    (3, 64, 3, 50, 192, BF16, True, True),
+    (4, 128, 17, 33, 384, F32, True, False),
+    (8, 32, 64, 24, 160, BF16, False, True),
+    (4, 64, 1, 72, 192, BF16, True, True),
+    (3, 32, 17, 20, 96, F16, False, False),
+    (2, 128, 64, 36, 256, F32, True, True),
+    (8, 64, 3, 40, 128, F32, False, False),
+    (4, 16, 3, 24, 80, BF16, True, True),  # group < K tile
+    (3, 48, 17, 24, 96, F16, True, False),  # group not a multiple of the K tile
+]
+
+
+def _to(layer: dict) -> dict:
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in layer.items()}
+
+
+@pytest.mark.parametrize("bits,gs,m,n,k,dtype,outliers,permute", CASES)
+def test_fused_matmul_matches_reference(bits, gs, m, n, k, dtype, outliers, permute):
+    layer = random_layer(bits, gs, n, k, outliers, seed=bits * 100 + m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if m % 2 else None
+    perm = torch.randperm(k, generator=gen) if permute else None
+    ref = reference(x, layer, bias, perm)
+    out = torch.ops.babai.linear_triton(x.to(DEVICE), bias=None if bias is None else
+                                        bias.to(DEVICE), act_perm=None if perm is None else
+                                        perm.to(DEVICE), **_to(layer)).cpu()
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), ref, rtol=0,
+                               atol=TOL[dtype] * float(ref.abs().max()))
+    # the CPU path agrees too (and is what babai::linear runs on CPU)
+    cpu = linear_cpu(x, bias=bias, act_perm=perm, **layer)
+    torch.testing.assert_close(cpu.float(), ref, rtol=0, atol=TOL[dtype] * float(ref.abs().max()))
+
+
+def test_outliers_change_the_result():
+    """The CSR kernel is not a no-op: dropping the outliers changes the output."""
+    layer = random_layer(4, 32, 24, 96, outliers=True, seed=3)
+    dense = {k: v for k, v in layer.items() if not k.startswith("outlier")}
+    x = torch.randn(2, 96)
+    full = torch.ops.babai.linear_triton(x, bias=None, **layer)
+    part = torch.ops.babai.linear_triton(x, bias=None, **dense)
+    assert (full - part).abs().max() > 0.05
+    torch.testing.assert_close(part, reference(x, dense), rtol=0, atol=1e-4)
+
+
+def test_leading_dims_and_empty_batch():
+    layer = random_layer(4, 32, 20, 64, seed=4)
+    x = torch.randn(2, 3, 64)
+    out = torch.ops.babai.linear_triton(x, bias=None, **layer)
+    assert out.shape == (2, 3, 20)
+    torch.testing.assert_close(out, reference(x, layer), rtol=0, atol=1e-4)
+    assert torch.ops.babai.linear_triton(x[:0], bias=None, **layer).shape == (0, 3, 20)
+
+
+@pytest.mark.parametrize("bits,gs,dtype,outliers", [
+    (2, 64, F32, True), (3, 32, F16, False), (4, 128, BF16, True), (8, 48, F32, False)])
+def test_dequant_kernel(bits, gs, dtype, outliers):
+    n, k = 37, 3 * gs if gs != 128 else 256
+    k = k - k % gs
+    layer = random_layer(bits, gs, n, k, outliers, seed=bits)
+    w = torch.ops.babai.dequantize_triton(dtype=dtype, **_to(layer)).cpu()
+    ref = dequantize_packed(**layer, dtype=dtype)
+    assert w.dtype == dtype and w.shape == (n, k)
+    torch.testing.assert_close(w, ref, rtol=0, atol=TOL[dtype] * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_unpack_equals_packing_unpack(bits):
+    codes = torch.randint(0, 2**bits, (5, 43))
+    p = pack(codes, bits)
+    assert torch.equal(unpack_rows(p, bits, 43), unpack(p, bits, 43))
+    assert torch.equal(unpack_rows(p, bits, 43).long(), codes)
+
+
+def test_babai_linear_on_cpu_dispatches_to_fast_path():
+    layer = random_layer(3, 32, 30, 96, outliers=True, seed=5)
+    x = torch.randn(4, 96).to(BF16)
+    bias = torch.randn(30).to(BF16)
+    out = torch.ops.babai.linear(x, layer["packed"], layer["scales"], layer["zeros"], bias,
+                                 3, 32, 96, layer["outlier_ptr"], layer["outlier_idx"],
+                                 layer["outlier_val"])
+    ref = reference(x, layer, bias)
+    assert out.dtype == BF16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_bad_inputs_name_the_fix():
+    layer = random_layer(4, 32, 8, 64)
+    x = torch.randn(1, 64)
+    with pytest.raises(BabaiError, match="group_size"):
+        torch.ops.babai.linear_triton(x, bias=None, **{**layer, "group_size": 48})
+    with pytest.raises(BabaiError, match="pack"):
+        torch.ops.babai.linear_triton(x, bias=None, **{**layer, "packed": layer["packed"][:, 1:]})
+    with pytest.raises(BabaiError, match="bits"):
+        torch.ops.babai.linear_triton(x, bias=None, **{**layer, "bits": 5})
