@@ -1,0 +1,85 @@
+"""Compiled SmolLM2 decode-step speed on CPU: packed 4-bit babai::linear vs fp32 / bf16
+(and torchao's CPU int4 path when it runs here), side by side in one process.
+
+Decode step = compiled forward of one token at batch 1 with no KV cache: the same weight
+traffic as a decode step (every linear reads its full weight), without attention over a
+cache (negligible for 135M at short context). Variants are timed in interleaved rounds and
+the median per variant is reported, because the CPU is shared.
+
+    .venv/bin/python benchmarks/kernels_cpu.py [--layers 30] [--rounds 5] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _variants(base, args):
+    from babai_ao.kernels.module import pack_linears
+
+    out = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    q = copy.deepcopy(base)
+    pack_linears(q, bits=4, group_size=args.group_size)
+    out[f"babai 4-bit g{args.group_size} (fp32 act)"] = q
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        t = copy.deepcopy(base).to(torch.bfloat16)
+        quantize_(t, Int4WeightOnlyConfig(group_size=args.group_size,
+                                          int4_packing_format="opaque"),
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        out[f"torchao int4 opaque g{args.group_size} (bf16 act)"] = t
+    except Exception as e:  # reported, not fatal
+        print(f"torchao int4 CPU path unavailable: {type(e).__name__}: {str(e)[:200]}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--group-size", type=int, default=64)
+    args = p.parse_args()
+    from babai_ao.models import load_smollm2
+
+    base, _ = load_smollm2(num_layers=args.layers)
+    models = _variants(base, args)
+    ids = torch.tensor([[1]])
+    fns, times = {}, {name: [] for name in models}
+    with torch.no_grad():
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            fns[name] = torch.compile(m, fullgraph=True)
+            try:
+                fns[name](ids)
+                fns[name](ids)
+            except Exception as e:
+                print(f"{name}: compile/run failed: {type(e).__name__}: {str(e)[:200]}")
+                del fns[name], times[name]
+                continue
+            print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    fn(ids)
+                times[name].append((time.perf_counter() - t0) / args.steps)
+    print(f"\nSmolLM2-135M, {args.layers} layers, batch 1, 1 token/step, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    ref = statistics.median(times["fp32"])
+    print("| variant | ms/step (median) | tokens/s | vs fp32 |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med * 1e3:.2f} | {1 / med:.1f} | {ref / med:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""GPU decode latency of babai::linear_triton (packed b-bit) vs bf16 torch.mm, and GB/s
+against the device's measured copy bandwidth. Not a test; needs CUDA (written for an H100).
+
+For each weight shape N×K (4096×4096, 4096×14336, 14336×4096, 8192×28672) and batch
+M ∈ {1, 4, 16}: median CUDA-event time of ``x @ Wᵀ`` in bf16 (torch.mm), of the fused
+kernel at 4 bit (and 2/3/8 with --all-bits), of dense 4-bit + 0.5 % SSQR outliers, and of
+torchao's int4 weight-only path when it runs. GB/s counts the bytes the kernel must read
+(codes + scales + zeros + x + outliers, + output written); the roofline is a device-to-device
+``copy_`` of a 1 GiB buffer (bytes read + written).
+
+    python benchmarks/kernels_gpu.py [--group-size 128] [--all-bits] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (N out, K in)
+BATCHES = [1, 4, 16]
+
+
+def cuda_time(fn, reps: int = 50, warmup: int = 10) -> float:
+    """Median seconds per call, CUDA events, L2 flushed between calls."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), reps=20)
+    return 2 * src.numel() / t
+
+
+def random_packed(n: int, k: int, bits: int, gs: int, outlier_frac: float = 0.0) -> dict:
+    from babai_ao.packing import pack
+
+    g = k // gs
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 2**bits, (1, n * g), dtype=torch.int32, device="cuda")
+    layer = dict(packed=pack(codes, bits), scales=(torch.rand(n, g, device="cuda") * 0.01)
+                 .half(), zeros=pack(zeros, bits).reshape(-1), bits=bits, group_size=gs,
+                 in_features=k)
+    if outlier_frac:
+        per_row = max(1, int(outlier_frac * k))
+        idx = torch.stack([torch.randperm(k, device="cuda")[:per_row] for _ in range(n)])
+        layer.update(outlier_ptr=torch.arange(0, n * per_row + 1, per_row, device="cuda",
+                                              dtype=torch.int32),
+                     outlier_idx=idx.sort(1).values.reshape(-1).to(torch.int16),
+                     outlier_val=torch.randint(-20, 20, (n * per_row,), device="cuda",
+                                               dtype=torch.int32))
+    return layer
+
+
+def layer_bytes(layer: dict, m: int) -> int:
+    tensors = [v for v in layer.values() if isinstance(v, torch.Tensor)]
+    n, k = layer["packed"].shape[0], layer["in_features"]
+    return sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (k + n)
+
+
+def torchao_int4(w: torch.Tensor, gs: int):
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16,
+                              device="cuda")
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=gs))
+        return lin
+    except Exception as e:
+        print(f"torchao int4 unavailable: {type(e).__name__}: {str(e)[:160]}")
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--all-bits", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    import babai_ao.kernels  # noqa: F401  (registers babai::linear_triton)
+
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"measured copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    bits_list = (2, 3, 4, 8) if args.all_bits else (4,)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        ao = torchao_int4(w, args.group_size)
+        layers = {f"{b}-bit": random_packed(n, k, b, args.group_size) for b in bits_list}
+        layers["4-bit+0.5% SSQR"] = random_packed(n, k, 4, args.group_size, 0.005)
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = cuda_time(lambda x=x, w=w: torch.mm(x, w.t()))
+            row = {"N": n, "K": k, "M": m, "bf16_us": t_bf16 * 1e6,
+                   "bf16_GBps": (2 * n * k + 2 * m * (n + k)) / t_bf16 / 1e9}
+            for name, layer in layers.items():
+                t = cuda_time(lambda x=x, layer=layer:
+                              torch.ops.babai.linear_triton(x, bias=None, **layer))
+                row[f"{name}_us"] = t * 1e6
+                row[f"{name}_speedup"] = t_bf16 / t
+                row[f"{name}_GBps"] = layer_bytes(layer, m) / t / 1e9
+                row[f"{name}_roofline"] = layer_bytes(layer, m) / t / bw
+            if ao is not None:
+                t = cuda_time(lambda x=x, ao=ao: ao(x))
+                row["torchao_int4_us"] = t * 1e6
+                row["torchao_int4_speedup"] = t_bf16 / t
+            rows.append(row)
+            print(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                           for key, val in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
