@@ -450,7 +450,10 @@ KNOWN_ERRORS = (BabaiError, FileNotFoundError, NotADirectoryError, PermissionErr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``babai-ao`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
