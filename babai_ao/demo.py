@@ -45,19 +45,22 @@ def _quant_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
 def compiled_generation(model: torch.nn.Module, tokenizer: Any, new_tokens: int
                         ) -> tuple[str, bool]:
     """Greedy tokens from the ``torch.compile``-d static-cache step; equal to eager's?"""
-    from .export.generate import greedy, greedy_eager
+    from .export.generate import greedy
     from .export.llm import static_cache_module
 
     prompt = tokenizer(PROMPT).input_ids
     cache = len(prompt) + new_tokens
-    step_module = torch.compile(static_cache_module(model, cache))
 
-    def step(tok: int, pos: int) -> torch.Tensor:
-        with torch.no_grad():
-            return step_module(torch.tensor([[tok]]), torch.tensor([pos]))[0, -1]
+    def stepper(module: torch.nn.Module):
+        def step(tok: int, pos: int) -> torch.Tensor:
+            with torch.no_grad():
+                return module(input_ids=torch.tensor([[tok]]),
+                              cache_position=torch.tensor([pos]))[0, -1]
+        return step
 
-    tokens = greedy(step, prompt, new_tokens, cache)
-    eager = greedy_eager(model, prompt, new_tokens, cache)
+    tokens = greedy(stepper(torch.compile(static_cache_module(model, cache))), prompt,
+                    new_tokens, cache)
+    eager = greedy(stepper(static_cache_module(model, cache)), prompt, new_tokens, cache)
     return tokenizer.decode(tokens), tokens == eager
 
 
