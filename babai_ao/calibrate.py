@@ -24,6 +24,7 @@ import csv
 import importlib.util
 import io
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -274,9 +275,21 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
 
 
 def install(linear: nn.Linear, qw: QuantizedWeight) -> None:
-    """Replace ``linear.weight`` by the quantized tensor (dequantized copy if no subclass)."""
+    """Replace ``linear.weight`` by a ``BabaiQuantizedTensor`` holding ``qw``.
+
+    Codes outside ``[0, 2^b − 1]`` (``clip=False``) do not fit a ``b``-bit tensor: then the
+    dequantized values are written into the float weight (warned once), which keeps the
+    model's outputs and the certificate exact; store such weights with ``clip='ssqr'``.
+    """
     dtype = linear.weight.dtype
-    if importlib.util.find_spec(f"{__package__}.tensor") is None:
+    bits = qw.grid.bits
+    fits = qw.codes.numel() == 0 or (int(qw.codes.min()) >= 0 and
+                                     int(qw.codes.max()) <= 2**bits - 1)
+    if not fits or importlib.util.find_spec(f"{__package__}.tensor") is None:
+        if not fits:
+            warnings.warn(f"clip=False codes leave the {bits}-bit range: installing "
+                          "dequantized float weights (use clip='ssqr' to store them packed)",
+                          stacklevel=3)
         with torch.no_grad():
             linear.weight.copy_(qw.dequantize(dtype))
         return

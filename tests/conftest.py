@@ -1,0 +1,25 @@
+"""Shared real-model fixtures (session-scoped: load once per test run).
+
+``smollm2_small`` is shared: tests that change the model must work on ``copy.deepcopy``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2_small():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct cut to its first 2 decoder blocks, fp32."""
+    from babai_ao.models import load_smollm2
+
+    return load_smollm2(num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def calibration_small(smollm2_small) -> torch.Tensor:
+    """4 P1-style calibration windows of 128 tokens (wiki.valid.tokens, seed 0)."""
+    from babai_ao.data import calibration_windows
+
+    return calibration_windows(smollm2_small[1], n=4, seq_len=128)

@@ -1,0 +1,181 @@
+"""quantize_model: block-by-block calibration on the real model (2 blocks of SmolLM2)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from babai_ao import BabaiError, HessianAccumulator, quantize_weight
+from babai_ao.calibrate import QuantizationReport, decoder_blocks, quantize_model
+
+pytestmark = pytest.mark.model
+BATCH = 2
+
+
+def cfg(**kw) -> SimpleNamespace:
+    base = dict(bits=4, group_size=64, symmetric=False, order="act", clip=True, damp=0.01)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def linears(model: nn.Module) -> dict[str, nn.Linear]:
+    _, blocks = decoder_blocks(model)
+    return {f"model.layers.{i}.{n}": m for i, b in enumerate(blocks)
+            for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+
+
+def plain(w: torch.Tensor) -> torch.Tensor:
+    w = w.detach()
+    return w.dequantize() if type(w) is not torch.Tensor else w
+
+
+def input_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent reference: ``XᵀX`` of every decoder linear's input in a whole-model run."""
+    accs = {n: HessianAccumulator(m.in_features) for n, m in linears(model).items()}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: accs[n].add(a[0]))
+               for n, m in linears(model).items()]
+    try:
+        with torch.no_grad():
+            for ids in calibration.split(BATCH):
+                model.model(input_ids=ids, use_cache=False)  # no lm_head: not needed
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian for n, a in accs.items()}
+
+
+def assert_matches_reference(float_model, quantized, hessians, config):
+    """Each installed weight = quantize_weight(float W, reference H) (codes may differ in a
+    handful of ties from float summation order)."""
+    flt = linears(float_model)
+    for name, lin in linears(quantized).items():
+        ref = quantize_weight(flt[name].weight.detach(), hessians[name], bits=config.bits,
+                              group_size=config.group_size, symmetric=config.symmetric,
+                              order=config.order, clip=config.clip, damp=config.damp)
+        got = plain(lin.weight)
+        differ = (got != ref.dequantize()).float().mean().item()
+        assert differ < 1e-3, f"{name}: {differ:.2%} of weights differ from the reference"
+
+
+@pytest.fixture(scope="module")
+def sequential(smollm2_small, calibration_small):
+    model = copy.deepcopy(smollm2_small[0])
+    report = quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    return model, report
+
+
+def test_sequential_hessians_are_those_of_the_quantized_model(smollm2_small, calibration_small,
+                                                              sequential):
+    """Sequential (stages in run order): every linear was calibrated on its input in the
+    final quantized model, since everything upstream of it was quantized before it."""
+    model, _ = sequential
+    assert_matches_reference(smollm2_small[0], model, input_hessians(model, calibration_small),
+                             cfg())
+
+
+def test_observe_hessians_are_those_of_the_float_model(smollm2_small, calibration_small):
+    model = copy.deepcopy(smollm2_small[0])
+    hessians = input_hessians(model, calibration_small)
+    quantize_model(model, cfg(), calibration_small, mode="observe", batch_size=BATCH,
+                   progress=False)
+    assert_matches_reference(smollm2_small[0], model, hessians, cfg())
+
+
+def test_every_linear_replaced_and_on_grid(smollm2_small, sequential):
+    model, _ = sequential
+    flt = linears(smollm2_small[0])
+    for name, lin in linears(model).items():
+        w = plain(lin.weight)
+        assert not torch.equal(w, flt[name].weight), name
+        groups = w.reshape(-1, 64)
+        distinct = max(len(torch.unique(g)) for g in groups[:: max(1, len(groups) // 50)])
+        assert distinct <= 16, f"{name} has {distinct} values in a 4-bit group"
+        if importlib.util.find_spec("babai_ao.tensor") is not None:
+            from babai_ao.tensor import BabaiQuantizedTensor
+
+            assert isinstance(lin.weight, BabaiQuantizedTensor), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_output_close_to_float_and_better_than_rtn(smollm2_small, calibration_small, sequential):
+    model, _ = sequential
+    rtn = copy.deepcopy(smollm2_small[0])
+    for lin in linears(rtn).values():
+        q = quantize_weight(lin.weight.detach(), None, bits=4, group_size=64, order="natural")
+        lin.weight.data.copy_(q.dequantize())
+    ids = calibration_small
+    with torch.no_grad():
+        ref = smollm2_small[0].model(ids).last_hidden_state
+        ours = model.model(ids).last_hidden_state
+        base = rtn.model(ids).last_hidden_state
+    err, err_rtn = (ours - ref).norm() / ref.norm(), (base - ref).norm() / ref.norm()
+    assert err < 0.1
+    assert err < err_rtn
+
+
+def test_report_rows(sequential, calibration_small):
+    model, report = sequential
+    assert isinstance(report, QuantizationReport) and report.mode == "sequential"
+    assert [r.name for r in report.rows] == list(linears(model))  # run order = module order
+    for r in report.rows:
+        assert r.tokens == calibration_small.numel()
+        assert r.bits_per_weight == 4 + (16 + 4) / 64
+        assert all(math.isfinite(v) and v >= 0 for v in
+                   (r.trace_d, r.error, r.error_undamped, r.bound, r.seconds))
+        assert r.error_undamped <= r.error * (1 + 1e-5)
+    assert report.seconds >= report.solver_seconds > 0
+    csv_lines = report.to_csv().splitlines()
+    assert len(csv_lines) == 15 and csv_lines[0].startswith("name,trace_d,error")
+    assert len(report.to_markdown().splitlines()) == 16
+
+
+def test_no_clipping_bound_holds_everywhere(smollm2_small, calibration_small):
+    model = copy.deepcopy(smollm2_small[0])
+    with pytest.warns(UserWarning, match="dequantized"):
+        report = quantize_model(model, cfg(clip=False, bits=3),
+                                calibration_small, batch_size=BATCH, progress=False)
+    assert len(report.rows) == 14
+    assert all(r.clipped == 0 and r.error <= r.bound for r in report.rows)
+    assert report.bound_checks() == (14, 14)
+
+
+def test_interrupt_leaves_no_hooks(smollm2_small, calibration_small):
+    model = copy.deepcopy(smollm2_small[0])
+    _, blocks = decoder_blocks(model)
+
+    def boom(*_):
+        raise KeyboardInterrupt
+
+    blocks[1].mlp.down_proj.register_forward_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    for m in model.modules():
+        assert not m._forward_pre_hooks
+    block0 = linears(model)["model.layers.0.mlp.down_proj"]
+    assert not torch.equal(plain(block0.weight), smollm2_small[0].model.layers[0].mlp.down_proj.weight)
+
+
+def test_errors(smollm2_small, calibration_small):
+    with pytest.raises(BabaiError, match="no decoder block list"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), cfg(), calibration_small)
+    no_linear = nn.Module()
+    no_linear.model = nn.Module()
+    no_linear.model.layers = nn.ModuleList([nn.LayerNorm(4)])
+    with pytest.raises(BabaiError, match="no nn.Linear"):
+        quantize_model(no_linear, cfg(), calibration_small)
+    model = copy.deepcopy(smollm2_small[0])
+    with pytest.raises(BabaiError, match="lacks"):
+        quantize_model(model, SimpleNamespace(bits=4), calibration_small)
+    with pytest.raises(BabaiError, match="mode"):
+        quantize_model(model, cfg(), calibration_small, mode="greedy")
+    with pytest.raises(BabaiError, match="token ids"):
+        quantize_model(model, cfg(), calibration_small.float())
+    with pytest.raises(BabaiError, match="empty"):
+        quantize_model(model, cfg(), [])
+    with pytest.raises(BabaiError, match="group_size"):
+        quantize_model(model, cfg(group_size=100), calibration_small, progress=False)
