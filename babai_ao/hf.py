@@ -1,0 +1,93 @@
+"""transformers checkpoints of babai-quantized models: ``save_pretrained`` / ``from_pretrained``.
+
+A model quantized in place (``quantize_``, ``quantize_model``, observe/convert) is not yet
+known to transformers as a torchao model, so its ``save_pretrained`` would hand the tensor
+subclass to safetensors as is. ``save_pretrained(model, path, config)`` marks it the way
+``from_pretrained(..., quantization_config=TorchAoConfig(...))`` would (a ``TorchAoConfig``
+carrying the ``BabaiConfig`` and torchao's ``HfQuantizer``), then saves with safetensors:
+each ``BabaiQuantizedTensor`` is written as its plain tensors (``<module>._weight_qdata``,
+``_weight_scale``, ``_weight_zero_point``, outliers) plus JSON attributes in the header.
+
+``from_pretrained(path)`` registers babai-ao with torchao/transformers (``babai_ao.config``),
+checks every ``*.safetensors`` file opens (a truncated or corrupt file raises
+``BabaiError`` naming it) and loads with ``AutoModelForCausalLM``; mismatches between the
+stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import BabaiError
+
+
+def _is_babai_weight(module: nn.Module) -> bool:
+    from .tensor import BabaiQuantizedTensor
+
+    return isinstance(getattr(module, "weight", None), BabaiQuantizedTensor)
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
+                    **kwargs: Any) -> None:
+    """Save a babai-quantized transformers model (safetensors) so ``from_pretrained`` loads it."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from .config import BabaiConfig
+
+    if not isinstance(config, BabaiConfig):
+        raise BabaiError(f"config must be the BabaiConfig the model was quantized with, got "
+                         f"{type(config).__name__}: pass babai_ao.babai_config(...)")
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise BabaiError(f"{type(model).__name__} is not a transformers model: save its "
+                         "state_dict with torch.save instead")
+    if not any(_is_babai_weight(m) for m in model.modules()):
+        raise BabaiError("the model holds no BabaiQuantizedTensor weights: quantize it first")
+    if kwargs.get("safe_serialization") is False:
+        raise BabaiError("babai-ao checkpoints are saved with safetensors: drop "
+                         "safe_serialization=False")
+    quantization_config = TorchAoConfig(quant_type=config)
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = quantization_config.quant_method
+    model.save_pretrained(path, **kwargs)
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """Every ``*.safetensors`` file under ``path``, each opened once (``BabaiError`` if bad)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BabaiError(f"{path} holds no .safetensors file: save with "
+                         "babai_ao.hf.save_pretrained(model, path, config)")
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as h:
+                for key in h.keys():  # noqa: SIM118  (safe_open handles have no __iter__)
+                    h.get_slice(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BabaiError(f"checkpoint file {f} is truncated or corrupt ({e}): save the "
+                             "model again") from None
+    return files
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained` (``AutoModelForCausalLM``)."""
+    from transformers import AutoModelForCausalLM
+
+    from . import config as _config  # noqa: F401  (registers babai-ao's classes)
+
+    check_checkpoint_files(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except BabaiError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise BabaiError(f"could not load the babai-ao checkpoint {path}: {e}. The file does "
+                         "not match its metadata; save the model again") from e
