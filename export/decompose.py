@@ -171,9 +171,21 @@ def constant_of(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.
     if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
         return None
     sig = ep.graph_signature
-    for mapping, store in ((sig.inputs_to_parameters, ep.state_dict),
-                           (sig.inputs_to_buffers, ep.state_dict),
-                           (sig.inputs_to_lifted_tensor_constants, ep.constants)):
+    for mapping in (sig.inputs_to_parameters, sig.inputs_to_buffers,
+                    sig.inputs_to_lifted_tensor_constants):
         if node.name in mapping:
-            return store[mapping[node.name]]
+            key = mapping[node.name]  # non-persistent buffers live in ep.constants
+            return ep.state_dict[key] if key in ep.state_dict else ep.constants[key]
     return None
+
+
+def with_plain_constants(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with tensor-subclass weights flattened, so ``babai::linear`` reads placeholders.
+
+    A ``BabaiQuantizedTensor`` parameter reaches the op through subclass accessors; an empty
+    decomposition table unwraps it into plain constants and decomposes nothing else.
+    """
+    if all(isinstance(a, torch.fx.Node) and a.op == "placeholder"
+           for n in babai_linear_nodes(ep) for a in n.args[1:4]):
+        return ep
+    return ep.run_decompositions({})

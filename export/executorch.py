@@ -34,7 +34,9 @@ from .decompose import (
     exact_dequantize,
     exact_linear,
     make_linear_8da4w,
+    with_plain_constants,
 )
+from .modules import plain_buffers
 from .report import ExportReport, flat_outputs, max_diff
 
 MODES = ("weight_only", "8da4w")
@@ -62,14 +64,25 @@ def _check_8da4w(ep: torch.export.ExportedProgram) -> bool:
     return not all(_zeros_symmetric(ep, n) for n in nodes)
 
 
-def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only"):
-    """An ``ExecutorchProgramManager`` for ``ep`` (``.buffer`` holds the ``.pte`` bytes)."""
+def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
+          init_buffers: Sequence[str] = ()):
+    """An ``ExecutorchProgramManager`` for ``ep`` (``.buffer`` holds the ``.pte`` bytes).
+
+    Mutable buffers whose names contain one of ``init_buffers`` keep their initial values in
+    the program (ExecuTorch otherwise serializes mutated buffers uninitialized).
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     if mode not in MODES:
         raise BabaiError(f"unknown ExecuTorch mode {mode!r}: choose one of {MODES}")
+    ep = with_plain_constants(ep)
     deq = dequantize_op()
     if mode == "8da4w":
         table = {torch.ops.babai.linear.default: make_linear_8da4w(_check_8da4w(ep))}
@@ -92,7 +105,8 @@ def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only"):
     edge = to_edge_transform_and_lower(
         ep, partitioner=[partitioner],
         compile_config=EdgeCompileConfig(_core_aten_ops_exception_list=shifts))
-    return edge.to_executorch()
+    passes = [InitializedMutableBufferPass(list(init_buffers))] if init_buffers else []
+    return edge.to_executorch(ExecutorchBackendConfig(passes=passes))
 
 
 def load_method(path: str | Path, name: str = "forward"):
@@ -115,7 +129,7 @@ def to_executorch(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
                   ) -> ExportReport:
     """Export ``model`` (with ``babai::linear`` layers) to a ``.pte``; optionally run it once."""
     example_inputs = tuple(example_inputs)
-    with torch.no_grad():
+    with torch.no_grad(), plain_buffers(model):
         ep = torch.export.export(model, example_inputs, strict=False)
     n_q = len(babai_linear_nodes(ep))
     program = lower(ep, mode)

@@ -34,7 +34,8 @@ import torch
 from babai_ao.errors import BabaiError
 from babai_ao.packing import unpack
 
-from .decompose import babai_linear_nodes, constant_of
+from .decompose import babai_linear_nodes, constant_of, with_plain_constants
+from .modules import plain_buffers
 from .report import ExportReport, flat_outputs, max_diff
 
 FORMATS = ("qdq", "matmulnbits")
@@ -148,7 +149,7 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
         groups = k // g
         z = unpack(real(zeros).reshape(1, -1), bits, n * groups).reshape(n, groups).numpy()
         s16 = real(scales)
-        xf = op.Cast(x, to=ir.DataType.FLOAT)
+        xf = x if x.dtype == ir.DataType.FLOAT else op.Cast(x, to=ir.DataType.FLOAT)
         if act_perm is not None:
             xf = op.Gather(xf, op.Cast(act_perm, to=ir.DataType.INT64), axis=-1)
         if fmt == "matmulnbits" and bits in (2, 4, 8):
@@ -177,13 +178,14 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
                                     axis=1, block_size=g)
             y = op.MatMul(xf, op.Transpose(w, perm=[1, 0]))
         if bias is not None:
-            y = op.Add(y, op.Cast(bias, to=ir.DataType.FLOAT))
+            y = op.Add(y, bias if bias.dtype == ir.DataType.FLOAT
+                       else op.Cast(bias, to=ir.DataType.FLOAT))
         if outlier_ptr is not None:
             contrib, rows = outliers(xf, op.Cast(scales, to=ir.DataType.FLOAT), n, g, groups,
                                      outlier_ptr, outlier_idx, outlier_val)
             y = op.ScatterElements(y, op.Expand(rows, op.Shape(contrib)), contrib, axis=-1,
                                    reduction="add")
-        return op.CastLike(y, x)
+        return y if x.dtype == ir.DataType.FLOAT else op.CastLike(y, x)
 
     return babai_linear
 
@@ -210,6 +212,7 @@ def export_onnx_program(ep: torch.export.ExportedProgram, path: str | Path,
     if fmt not in FORMATS:
         raise BabaiError(f"unknown ONNX format {fmt!r}: choose one of {FORMATS}")
     register_matmulnbits_schema()
+    ep = with_plain_constants(ep)
     consts = {node.name: t for node in ep.graph.nodes
               if (t := constant_of(ep, node)) is not None}
     table = {torch.ops.babai.linear.default: _make_translation(consts, fmt, accuracy_level)}
@@ -228,6 +231,7 @@ def ort_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -248,7 +252,7 @@ def to_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path
     ``accuracy_level`` is MatMulNBits' compute precision (1 = float32, 4 = int8 activations).
     """
     example_inputs = tuple(example_inputs)
-    with torch.no_grad():
+    with torch.no_grad(), plain_buffers(model):
         ep = torch.export.export(model, example_inputs, strict=False)
     n_q = len(babai_linear_nodes(ep))
     path = export_onnx_program(ep, path, format, accuracy_level)

@@ -64,3 +64,14 @@ def mlp(seed: int = 0, dims: tuple[int, ...] = (64, 128, 32)) -> torch.nn.Module
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers += [torch.nn.Linear(a, b)] + ([torch.nn.GELU()] if i < len(dims) - 2 else [])
     return torch.nn.Sequential(*layers).eval()
+
+
+def cut_vocab(model: torch.nn.Module, vocab: int) -> torch.nn.Module:
+    """Keep the first ``vocab`` tokens of a tied-embedding causal LM (fast exports in tests)."""
+    emb = torch.nn.Embedding(vocab, model.config.hidden_size)
+    emb.weight = torch.nn.Parameter(model.model.embed_tokens.weight[:vocab].detach().clone())
+    model.model.embed_tokens = emb
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, vocab, bias=False)
+    model.lm_head.weight = emb.weight
+    model.config.vocab_size = vocab
+    return model
