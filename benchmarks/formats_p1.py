@@ -1,0 +1,253 @@
+"""P1 perplexity versus measured average bits: RTN, HRTN, clipped Babai g64, SSQR, HPTQ.
+
+Hessians are observe-mode (one float-model forward over the P1 calibration windows with
+hooks on every decoder linear; q/k/v and gate/up share theirs), cached under
+``babai_ao.models.cache_dir()/hessians``. Every row quantizes all 210 decoder linears of
+SmolLM2-135M with those Hessians, installs the dequantized weights (the exact values the
+stored format decodes to; HPTQ's are decoded from its Huffman stream) and runs the P1
+perplexity. Bits per weight = 8 · (every stored byte of the 210 quantized linears) /
+(their weight count).
+
+    .venv/bin/python benchmarks/formats_p1.py run hptq@3.297 babai3 ...   # appends results
+    .venv/bin/python benchmarks/formats_p1.py report                        # table + plot
+
+Row names: ``rtn{b}``, ``babai{b}`` (clipped, g64, packed b-bit zeros), ``hrtn@{bits}``,
+``hptq@{bits}`` (one scale per tensor), ``ssqr{b}@{bits}`` (g64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from babai_ao import hptq, ssqr
+from babai_ao.calibrate import decoder_blocks
+from babai_ao.data import calibration_windows
+from babai_ao.evaluate import perplexity
+from babai_ao.hessian import HessianAccumulator
+from babai_ao.models import cache_dir, load_smollm2
+from babai_ao.packing import pack
+from babai_ao.quantize import quantize_weight
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "formats_p1.jsonl"
+PLOT = HERE / "formats_p1.png"
+GROUP = 64
+SECTION = "## No-clipping formats (P1)"
+# Peer rows of ../shared/PEERS.md (P1), at their bits with a packed integer zero.
+PEERS = [("RTN w4g64 (peer)", 4.3125, 27.224), ("GPTQ llm-compressor w4g64", 4.3125, 25.380),
+         ("GPTQ llm-compressor w4g64 static act", 4.3125, 23.940),
+         ("RTN w3g64 (peer)", 3.297, 72.760), ("GPTQ llm-compressor w3g64", 3.297, 52.935)]
+FLOAT_PPL = 20.574
+
+
+class _Stop(Exception):
+    pass
+
+
+def observe_hessians(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
+                     ) -> dict[str, torch.Tensor]:
+    """``H = XᵀX`` of every decoder linear's input from float forwards (observe mode).
+
+    Linears fed the very same tensor share one accumulator (and one dict entry object).
+    """
+    path, blocks = decoder_blocks(model)
+    linears = {f"{path}.{i}.{n}": m for i, b in enumerate(blocks)
+               for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+    accs: dict[str, HessianAccumulator] = {}
+    owner: dict[str, str] = {}  # linear -> name of the accumulator it shares
+    seen: dict[int, str] = {}
+
+    def hook_for(name: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in owner:
+                owner[name] = seen.setdefault(id(x), name)
+                if owner[name] == name:
+                    accs[name] = HessianAccumulator(x.shape[-1])
+            if owner[name] == name:
+                accs[name].add(x.detach())
+        return hook
+
+    def stop(_m: nn.Module, _a: tuple) -> None:
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    handles.append(model.model.norm.register_forward_pre_hook(stop))  # skip lm_head
+    try:
+        with torch.no_grad():
+            for batch in calibration.split(batch_size):
+                seen.clear()
+                with contextlib.suppress(_Stop):
+                    model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: accs[owner[n]].hessian for n in linears}
+
+
+def cached_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    key = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()[:16]
+    path = cache_dir() / "hessians" / f"smollm2-observe-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    t0 = time.perf_counter()
+    hs = observe_hessians(model, calibration)
+    print(f"observe-mode Hessians: {time.perf_counter() - t0:.0f} s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(hs, tmp)
+    tmp.replace(path)
+    return hs
+
+
+def clipped_nbytes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+                   ) -> int:
+    """Bytes of the clipped format: packed codes, scales, zeros packed flat at ``bits``."""
+    packed = pack(codes, bits)
+    zp = pack(zeros.reshape(1, -1), bits)
+    return packed.numel() + scales.numel() * scales.element_size() + zp.numel()
+
+
+def quantize_layer(row: str, w: torch.Tensor, h: torch.Tensor
+                   ) -> tuple[torch.Tensor, int, bool | None]:
+    """``(dequantized weight, stored bytes, E ≤ B or None when clipped)`` for one row kind."""
+    m = re.fullmatch(r"(rtn|babai|hrtn|hptq|ssqr)(\d)?(?:@([\d.]+))?", row)
+    if m is None:
+        raise SystemExit(f"bad row name {row!r}")
+    kind, b, target = m.group(1), m.group(2), m.group(3)
+    if kind in ("rtn", "babai"):
+        qw = quantize_weight(w, None if kind == "rtn" else h, bits=int(b), group_size=GROUP,
+                             clip=True)
+        holds = qw.certificate.bound_holds if qw.certificate.clipped == 0 else None
+        return qw.dequantize(), clipped_nbytes(qw.codes, qw.scales, qw.zeros, int(b)), holds
+    if kind in ("hrtn", "hptq"):
+        hw = hptq.quantize(w, None if kind == "hrtn" else h, float(target))
+        return hw.dequantize(), hw.nbytes, hw.certificate.bound_holds
+    sw = ssqr.quantize(w, h, int(b), GROUP, target_bits=float(target))
+    return sw.dequantize(), sw.nbytes, sw.certificate.bound_holds
+
+
+def run_row(row: str, model: nn.Module, tokenizer, hessians: dict[str, torch.Tensor],
+            original: dict[str, torch.Tensor]) -> dict:
+    modules = dict(model.named_modules())
+    t0 = time.perf_counter()
+    nbytes = numel = 0
+    holds = [0, 0]
+    for name, w in original.items():
+        deq, nb, ok = quantize_layer(row, w, hessians[name])
+        modules[name].weight.data = deq.to(w.dtype)
+        nbytes += nb
+        numel += w.numel()
+        if ok is not None:
+            holds[0] += bool(ok)
+            holds[1] += 1
+    quant_s = time.perf_counter() - t0
+    print(f"{row}: quantized in {quant_s:.0f} s, {8 * nbytes / numel:.4f} bits", flush=True)
+    t1 = time.perf_counter()
+    ppl = perplexity(model, tokenizer, progress=False)
+    return {"row": row, "bits": 8 * nbytes / numel, "bytes": nbytes, "weights": numel,
+            "ppl": ppl, "bound_holds": f"{holds[0]}/{holds[1]}" if holds[1] else "n/a (clipped)",
+            "quantize_s": round(quant_s, 1), "eval_s": round(time.perf_counter() - t1, 1),
+            "hessians": "observe-mode", "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, shared CPU"}
+
+
+def run(rows: list[str]) -> None:
+    torch.set_num_threads(2)
+    model, tokenizer = load_smollm2()
+    path, blocks = decoder_blocks(model)
+    original = {f"{path}.{i}.{n}": m.weight.detach().clone() for i, b in enumerate(blocks)
+                for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+    hessians = cached_hessians(model, calibration_windows(tokenizer))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        result = run_row(row, model, tokenizer, hessians, original)
+        print(json.dumps(result), flush=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+LABELS = {"rtn": "RTN g64 (clipped)", "babai": "Babai/GPTQ g64 (clipped)", "hrtn": "HRTN",
+          "hptq": "HPTQ (per tensor)", "ssqr": "SSQR g64"}
+
+
+def _kind(row: str) -> str:
+    return re.match(r"[a-z]+", row).group(0)
+
+
+def report() -> str:
+    results = {}
+    for line in RESULTS.read_text().splitlines():
+        r = json.loads(line)
+        results[r["row"]] = r  # the latest run of a row wins
+    rows = sorted(results.values(), key=lambda r: (round(r["bits"]), r["bits"], r["ppl"]))
+    lines = [SECTION, "",
+             "SmolLM2-135M-Instruct, protocol P1 (WikiText-2 test, 40 × 2048 tokens), all 210 "
+             "decoder linears quantized, observe-mode Hessians (float-model H of every layer from "
+             "the 128 × 512 P1 calibration windows, one forward), damping 0.01, natural order. "
+             "Bits = every stored byte of the 210 linears (codes, fp16 scales, zeros packed at "
+             "the code width, outlier ptr/idx/val, Huffman bitstream + codebook + chunk index + "
+             "header) × 8 / weights. Clipped rows: asymmetric min-max g64, packed zeros. "
+             "Command: `.venv/bin/python benchmarks/formats_p1.py run <rows>; ... report`.", "",
+             "| row | bits/weight (measured) | WikiText-2 PPL (P1) | E ≤ B layers | "
+             "quantize s | date |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS[_kind(r['row'])]} `{r['row']}` | {r['bits']:.3f} | "
+                     f"{r['ppl']:.3f} | {r['bound_holds']} | {r['quantize_s']:.0f} | "
+                     f"{r['date']} |")
+    lines += ["", f"Float32: {FLOAT_PPL} (P1). Peers (../shared/PEERS.md) are on the plot "
+              "at their packed-zero bits. Plot: `benchmarks/formats_p1.png`.", ""]
+    _plot(rows)
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, label in LABELS.items():
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if _kind(r["row"]) == kind)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for label, bits, ppl in PEERS:
+        ax.scatter([bits], [ppl], marker="x", s=50, label=f"{label} (peer)")
+    ax.axhline(FLOAT_PPL, color="gray", ls="--", lw=0.8, label="float32")
+    ax.set_xlabel("average bits per weight (all stored bytes)")
+    ax.set_ylabel("WikiText-2 perplexity (P1)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: no-clipping formats vs clipped grids")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("rows", nargs="+")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        run(args.rows)
+    else:
+        print(report())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
