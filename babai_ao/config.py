@@ -13,7 +13,9 @@ Three uses of one config, picked by ``step``:
 ``clip``: ``True`` clamps codes to the b-bit range; ``False`` does not (then codes that leave
 the range cannot be packed and conversion raises); ``"ssqr"`` stores them as a sparse CSR
 correction (``babai_ao.ssqr``, with ``target_bits`` or ``outlier_density``); ``"hptq"`` is
-the Huffman format, which this tensor does not hold (use ``babai_ao.hptq`` directly).
+the Huffman format (``babai_ao.hptq``, needs ``target_bits``; one step per tensor, ``bits``
+and ``group_size`` unused): the weight becomes a ``HuffmanQuantizedTensor`` holding the
+bitstream, decoded for compute by ``babai_ao.hptq_tensor.decode_model``.
 
 Importing this module registers babai-ao with torchao's and transformers' allow-lists
 (``babai_ao.integration``), so ``TorchAoConfig(quant_type=babai_config(...))`` checkpoints
@@ -94,6 +96,9 @@ class BabaiConfig(AOBaseConfig):
                 self.target_bits is not None or self.outlier_density is not None):
             raise BabaiError("target_bits / outlier_density apply to the no-clipping formats: "
                              "set clip='ssqr' (or 'hptq' for target_bits)")
+        if self.clip == "hptq" and (self.target_bits is None or self.outlier_density is not None):
+            raise BabaiError("clip='hptq' (Huffman-coded) is rate-targeted: give "
+                             "target_bits (e.g. 3.3) and no outlier_density")
         if self.target_bits is not None and self.outlier_density is not None:
             raise BabaiError("give target_bits or outlier_density, not both")
         if self.clip == "ssqr" and self.symmetric:
@@ -108,10 +113,12 @@ class BabaiConfig(AOBaseConfig):
         """
         dtype = dtype or weight.dtype
         if self.clip == "hptq":
-            raise BabaiError("clip='hptq' stores Huffman-coded codes, which "
-                             "BabaiQuantizedTensor does not hold: quantize with "
-                             "babai_ao.hptq.quantize and store its tensors() directly, or "
-                             "use clip='ssqr' for a packed no-clipping format")
+            from . import hptq
+            from .hptq_tensor import HuffmanQuantizedTensor
+
+            hw = hptq.quantize(weight.detach(), hessian, self.target_bits, order=self.order,
+                               damp=self.damp)
+            return HuffmanQuantizedTensor.from_hptq(hw, dtype)  # type: ignore[return-value]
         if self.clip == "ssqr":
             if importlib.util.find_spec(f"{__package__}.ssqr") is None:
                 raise BabaiError("clip='ssqr' needs babai_ao.ssqr, which this installation "

@@ -12,8 +12,9 @@ a fresh process is all a user needs) adds:
    ``ALLOWED_TENSORS_SUBCLASSES`` / ``ALLOWED_CLASSES``, so ``flatten_tensor_state_dict`` /
    ``unflatten_tensor_state_dict`` (what ``save_pretrained(safe_serialization=True)`` and
    ``from_pretrained`` call) store it as its plain tensors plus JSON attributes;
-3. the SSQR outlier suffixes (``_weight_outlier_ptr`` …) to ``TorchAoHfQuantizer``'s
-   ``serialized_names``. ``qdata``/``scale``/``zero_point`` are already on transformers'
+3. the SSQR outlier suffixes (``_weight_outlier_ptr`` …) and HPTQ's Huffman-stream
+   suffixes (``_weight_bitstream`` …; ``HuffmanQuantizedTensor`` is registered as in 2) to
+   ``TorchAoHfQuantizer``'s ``serialized_names``. ``qdata``/``scale``/``zero_point`` are already on transformers'
    list; without this, checkpoints with outliers would drop those tensors at load. It wraps
    the property (the only hook transformers offers), adding names and removing none.
 """
@@ -23,7 +24,9 @@ from __future__ import annotations
 import importlib.util
 
 CONFIG_MODULE = "babai_ao.config"
-OUTLIER_NAMES = ("outlier_ptr", "outlier_idx", "outlier_val")
+OUTLIER_NAMES = ("outlier_ptr", "outlier_idx", "outlier_val",
+                 # HPTQ's Huffman stream (babai_ao.hptq_tensor)
+                 "bitstream", "symbols", "lengths", "offsets", "header")
 _done = False
 
 
@@ -54,12 +57,14 @@ def register() -> None:
     from torchao.core import config as ao_config
     from torchao.prototype.safetensors import safetensors_utils
 
+    from .hptq_tensor import HuffmanQuantizedTensor
     from .tensor import BabaiQuantizedTensor
 
     ao_config.ALLOWED_AO_MODULES.add(CONFIG_MODULE)
-    name = BabaiQuantizedTensor.__name__
-    if name not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
-        safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(name)
-    safetensors_utils.ALLOWED_CLASSES[name] = BabaiQuantizedTensor
+    for cls in (BabaiQuantizedTensor, HuffmanQuantizedTensor):
+        name = cls.__name__
+        if name not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
+            safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(name)
+        safetensors_utils.ALLOWED_CLASSES[name] = cls
     _register_transformers()
     _done = True

@@ -105,3 +105,50 @@ def test_real_layers_bound_round_trip_and_target():
     hw = hptq.quantize(w, h, 3.297)
     assert abs(hw.bits_per_weight - 3.297) <= 0.01
     check_layer(w, h, hw)
+
+
+def test_babai_config_hptq_stores_the_stream_and_loads_decoded(tmp_path):
+    import warnings
+
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import (
+        flatten_tensor_state_dict,
+        unflatten_tensor_state_dict,
+    )
+    from torchao.quantization import quantize_
+
+    from babai_ao.config import BabaiConfig, babai_config
+    from babai_ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no Hessian: HRTN, warned once
+        quantize_(model, babai_config(clip="hptq", target_bits=3.3))
+    w = model[0].weight
+    assert isinstance(w, HuffmanQuantizedTensor)
+    assert abs(w.bits_per_weight - 3.3) <= 0.01
+    x = torch.randn(4, 128)
+    y = model(x)
+    ref = torch.nn.functional.gelu(x @ w.dequantize().T + model[0].bias)
+    torch.testing.assert_close(y, ref @ model[2].weight.dequantize().T + model[2].bias)
+    # the checkpoint holds the bitstream; its payload is the accounted bytes (+ float biases)
+    tensors, metadata = flatten_tensor_state_dict(model.state_dict())
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    biases = sum(model[i].bias.numel() * 4 for i in (0, 2))
+    stored = sum(model[i].weight.nbytes_stored for i in (0, 2))
+    assert safetensors_payload(tensors) == stored + biases
+    assert any(k.endswith("_weight_bitstream") for k in tensors)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    loaded, _ = unflatten_tensor_state_dict(load_file(str(path)), meta)
+    fresh = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 32))
+    fresh.load_state_dict(loaded, assign=True)
+    assert isinstance(fresh[0].weight, HuffmanQuantizedTensor)
+    assert decode_model(fresh) == 2
+    torch.testing.assert_close(fresh(x), y)
+    assert fresh[0].weight.bits == 8  # decoded compute form: dense 8-bit path
+    with pytest.raises(BabaiError, match="target_bits"):
+        BabaiConfig(clip="hptq")

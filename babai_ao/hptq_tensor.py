@@ -1,0 +1,140 @@
+"""``HuffmanQuantizedTensor``: an HPTQ weight as stored — Huffman stream plus scale(s).
+
+Its data tensors are exactly ``hptq.HPTQWeight.tensors()`` (``bitstream``, ``symbols``,
+``lengths``, ``offsets``, ``header`` of ``babai_ao.huffman``, and ``scale``), so safetensors
+checkpoints carry the bitstream and the stored bytes are the accounted bytes. Compute needs
+the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.compute_form``
+(8-bit codes + 128, zero 128, one group per row, CSR for codes past int8), and
+``decode_model(model)`` swaps every Huffman weight of a loaded model for it — the "loading
+decodes" step (vectorized chunk-parallel decode, no per-symbol Python loop). A linear called
+on the stored form decodes on the fly (correct, but it decodes on every call: run
+``decode_model`` before timing, ``torch.compile`` or export).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchao.utils import TorchAOBaseTensor, fill_defaults
+
+from . import huffman
+from .errors import BabaiError
+from .hptq import HPTQWeight
+from .tensor import (
+    FLOAT_DTYPES,
+    BabaiQuantizedTensor,
+    babai_linear,
+    certificate_from_json,
+    certificate_to_json,
+)
+
+STREAM_NAMES = list(huffman.FIELDS)
+
+
+class HuffmanQuantizedTensor(TorchAOBaseTensor):
+    """An HPTQ/HRTN weight [N, K] in its stored (Huffman-coded) form."""
+
+    tensor_data_names = [*STREAM_NAMES, "scale"]
+    tensor_attribute_names = ["shape", "dtype"]
+    optional_tensor_attribute_names = ["certificate_json"]
+
+    def __new__(cls, bitstream, symbols, lengths, offsets, header, scale, shape, dtype,
+                certificate_json=None):
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tuple(shape), dtype=dtype, device=bitstream.device, requires_grad=False)
+
+    def __init__(self, bitstream: torch.Tensor, symbols: torch.Tensor, lengths: torch.Tensor,
+                 offsets: torch.Tensor, header: torch.Tensor, scale: torch.Tensor, shape: Any,
+                 dtype: torch.dtype, certificate_json: str | None = None):
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+            raise BabaiError(f"an HPTQ weight is 2-D with a float dtype, got {shape}, {dtype}")
+        if tuple(header.shape) != (3,) or int(header[0]) != shape[0] * shape[1]:
+            raise BabaiError(f"the Huffman header does not describe a {shape[0]}×{shape[1]} "
+                             "weight: the checkpoint belongs to another layer or is corrupt")
+        if scale.numel() not in (1, shape[0]):
+            raise BabaiError(f"HPTQ scale must hold 1 or {shape[0]} values, got "
+                             f"{scale.numel()}: the checkpoint is corrupt")
+        self.bitstream, self.symbols, self.lengths = bitstream, symbols, lengths
+        self.offsets, self.header, self.scale = offsets, header, scale
+        self.certificate_json = certificate_json
+
+    @classmethod
+    def from_hptq(cls, hw: HPTQWeight, dtype: torch.dtype = torch.float32
+                  ) -> HuffmanQuantizedTensor:
+        t = hw.tensors()
+        return cls(*(t[f"huffman_{n}"] for n in STREAM_NAMES), t["scales"],
+                   (hw.out_features, hw.in_features), dtype,
+                   certificate_to_json(hw.certificate))
+
+    def hptq_weight(self) -> HPTQWeight:
+        stream = huffman.HuffmanStream(*(getattr(self, n).cpu() for n in STREAM_NAMES))
+        return HPTQWeight(stream, self.scale.cpu(), int(self.shape[0]), int(self.shape[1]),
+                          self.certificate)  # type: ignore[arg-type]
+
+    @property
+    def certificate(self):
+        return certificate_from_json(self.certificate_json)
+
+    @property
+    def nbytes_stored(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                   for n in self.tensor_data_names)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes_stored / (int(self.shape[0]) * int(self.shape[1]))
+
+    def decode(self) -> BabaiQuantizedTensor:
+        """The compute form: an 8-bit ``BabaiQuantizedTensor`` (CSR beyond int8)."""
+        args = self.hptq_weight().compute_form()
+        device = self.bitstream.device
+        out = BabaiQuantizedTensor(
+            args["packed"].to(device), args["scales"].to(device), args["zeros"].to(device),
+            8, args["group_size"], tuple(self.shape), self.dtype,
+            *(None if args.get(n) is None else args[n].to(device)
+              for n in ("outlier_ptr", "outlier_idx", "outlier_val")))
+        out.certificate_json = self.certificate_json
+        return out
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.hptq_weight().dequantize(torch.float32)
+        return w.to(device=self.bitstream.device, dtype=output_dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"HuffmanQuantizedTensor(shape={tuple(self.shape)}, "
+                f"bits_per_weight={self.bits_per_weight:.3f}, dtype={self.dtype})")
+
+
+implements = HuffmanQuantizedTensor.implements
+implements_torch_function = HuffmanQuantizedTensor.implements_torch_function
+
+
+@implements(torch.ops.aten.linear.default)
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    x, weight, bias = fill_defaults(args, 3, [None])
+    bias = kwargs.get("bias", bias) if kwargs else bias
+    if not isinstance(weight, HuffmanQuantizedTensor):
+        raise BabaiError("a HuffmanQuantizedTensor can only be the weight of a linear")
+    return babai_linear(x, weight.decode(), bias)
+
+
+def decode_model(model: nn.Module) -> int:
+    """Replace every ``HuffmanQuantizedTensor`` weight by its decoded compute form.
+
+    Returns the number of weights decoded.
+    """
+    count = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and isinstance(w.detach(), HuffmanQuantizedTensor):
+            module.weight = nn.Parameter(w.detach().decode(), requires_grad=False)
+            count += 1
+    return count
+
+
+torch.serialization.add_safe_globals([HuffmanQuantizedTensor])
