@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from babai_ao.grid import Grid
 from babai_ao.ops import linear as _linear  # noqa: F401  (registers babai::linear)
 from babai_ao.packing import pack
 
@@ -27,14 +28,24 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Linear, bits: int = 4, group_size: int = 64,
                     hessian: torch.Tensor | None = None) -> PackedLinear:
-        """Quantize ``layer`` with ``babai_ao.quantize_weight`` (``hessian=None``: RTN)."""
-        from babai_ao.quantize import quantize_weight
+        """Quantize ``layer``: nearest plane (``babai_ao.quantize_weight``) given a Hessian,
+        else plain round-to-nearest on the same asymmetric min-max grid (fast)."""
+        w = layer.weight.detach().float()
+        n, k = w.shape
+        if hessian is not None:
+            from babai_ao.quantize import quantize_weight
 
-        qw = quantize_weight(layer.weight.detach().float(), hessian, bits=bits,
-                             group_size=group_size)
-        zeros = pack(qw.zeros.reshape(1, -1), bits).reshape(-1)
+            qw = quantize_weight(w, hessian, bits=bits, group_size=group_size)
+            codes, scales, zeros = qw.codes, qw.scales, qw.zeros
+        else:
+            grid = Grid(bits=bits)
+            groups = w.reshape(n * k // group_size, group_size)
+            scales, zeros = grid.fit(groups)
+            codes = grid.round(groups, scales[:, None], zeros[:, None]).reshape(n, k)
+            scales, zeros = scales.reshape(n, -1), zeros.reshape(n, -1)
         bias = None if layer.bias is None else layer.bias.detach().clone()
-        return cls(pack(qw.codes, bits), qw.scales.to(torch.float16), zeros, bias, bits,
+        return cls(pack(codes.int(), bits), scales.to(torch.float16),
+                   pack(zeros.int().reshape(1, -1), bits).reshape(-1), bias, bits,
                    group_size, layer.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
