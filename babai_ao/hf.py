@@ -1,4 +1,4 @@
-"""transformers checkpoints of babai-quantized models: ``save_pretrained`` / ``from_pretrained``.
+"""Checkpoints of babai-quantized models: transformers (safetensors) and ``torch.save``.
 
 A model quantized in place (``quantize_``, ``quantize_model``, observe/convert) is not yet
 known to transformers as a torchao model, so its ``save_pretrained`` would hand the tensor
@@ -12,6 +12,9 @@ each ``BabaiQuantizedTensor`` is written as its plain tensors (``<module>._weigh
 checks every ``*.safetensors`` file opens (a truncated or corrupt file raises
 ``BabaiError`` naming it) and loads with ``AutoModelForCausalLM``; mismatches between the
 stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks.
+
+``load_state_dict(model, path)`` is ``torch.load`` + ``model.load_state_dict`` with the
+failures (unreadable file, wrong shape, other bits, other outlier layout) as ``BabaiError``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import BabaiError
@@ -84,10 +88,43 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     from . import config as _config  # noqa: F401  (registers babai-ao's classes)
 
     check_checkpoint_files(path)
+    want_info = kwargs.pop("output_loading_info", False)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **kwargs)
     except BabaiError:
         raise
     except (ValueError, KeyError, RuntimeError) as e:
         raise BabaiError(f"could not load the babai-ao checkpoint {path}: {e}. The file does "
                          "not match its metadata; save the model again") from e
+    # transformers logs a failed tensor rebuild and leaves the weight freshly initialized
+    problems = {k: info.get(k) for k in ("conversion_errors", "error_msgs", "missing_keys",
+                                         "mismatched_keys") if info.get(k)}
+    if problems:
+        raise BabaiError(f"the checkpoint {path} did not load cleanly: {problems}. Its tensors "
+                         "do not match their metadata or the model; save the model again")
+    return (model, info) if want_info else model
+
+
+def load_state_dict(model: nn.Module, checkpoint: str | os.PathLike | dict, *,
+                    assign: bool = False) -> nn.Module:
+    """Load a ``torch.save``'d state dict (path or dict) into ``model``; errors as BabaiError.
+
+    ``assign=True`` installs the stored tensors as they are (a float model becomes
+    quantized); ``assign=False`` copies into a model quantized with the same config.
+    """
+    from . import tensor as _tensor  # noqa: F401  (allow-lists the subclass for weights_only)
+
+    if isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        try:
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise BabaiError(f"cannot read checkpoint {checkpoint} ({e}): the file is "
+                             "truncated or not a torch.save state dict; save it again") from None
+    try:
+        model.load_state_dict(state, assign=assign)
+    except RuntimeError as e:
+        raise BabaiError(f"the checkpoint does not fit this model: {e}") from None
+    return model
