@@ -86,9 +86,11 @@ def load_model(source: str, num_layers: int | None = None) -> tuple[nn.Module, A
         from transformers import AutoTokenizer
 
         if (path / RUN_FILE).is_file():
-            from . import load_quantized
+            from .hf import from_pretrained
+            from .hptq_tensor import decode_model
 
-            model = load_quantized(path)
+            model = from_pretrained(path, dtype=torch.float32)
+            decode_model(model)  # HPTQ: Huffman stream -> 8-bit compute form, once
         else:
             from transformers import AutoModelForCausalLM
 
@@ -133,12 +135,12 @@ def make_config(args: argparse.Namespace) -> Any:
                         clip=clip, **extra)
 
 
-def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace,
+def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
                     progress: bool = True) -> dict[str, Any]:
-    """Quantize ``model`` in place as ``args`` say; returns the run record (no perplexity)."""
+    """Quantize ``model`` in place with ``config`` (``make_config(args)``) and the
+    calibration/mode in ``args``; returns the run record (no perplexity yet)."""
     from . import runs
 
-    config = make_config(args)
     record: dict[str, Any] = {
         "babai_ao": __version__, "method": "rtn" if args.mode == "rtn" else "babai",
         "model": args.model, "bits": args.bits, "group_size": args.group_size,
@@ -167,12 +169,13 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace,
     return record
 
 
-def save_run(model: nn.Module, tokenizer: Any, record: dict[str, Any], directory: Path) -> None:
+def save_run(model: nn.Module, tokenizer: Any, config: Any, record: dict[str, Any],
+             directory: Path) -> None:
     """Model (safetensors), tokenizer and run record into ``directory``."""
-    from . import save_quantized
+    from .hf import save_pretrained
     from .runs import RUN_FILE, write_json
 
-    save_quantized(model, directory)
+    save_pretrained(model, directory, config)
     tokenizer.save_pretrained(directory)
     write_json(directory / RUN_FILE, record)
 
@@ -181,11 +184,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # before any work
         raise BabaiError(f"{out} already exists: choose another --out or pass --overwrite")
+    config = make_config(args)
     model, tokenizer = load_model(args.model, args.num_layers)
-    record = quantize_loaded(model, tokenizer, args, progress=not args.no_progress)
+    record = quantize_loaded(model, tokenizer, args, config, progress=not args.no_progress)
     record["num_layers"] = args.num_layers
     with atomic_directory(out, args.overwrite) as tmp:
-        save_run(model, tokenizer, record, tmp)
+        save_run(model, tokenizer, config, record, tmp)
     _summary(record)
     _say(f"saved to {out} (next: `babai-ao eval {out}`)")
     return 0

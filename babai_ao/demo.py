@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = _step(f"{name}: quantize" + ("" if mode == "rtn" else
                    f" (calibration {args.calib_windows} x {args.calib_len} tokens)"))
         qmodel = copy.deepcopy(model)
-        rec = cli.quantize_loaded(qmodel, tokenizer, _quant_args(args, mode), progress)
+        qargs = _quant_args(args, mode)
+        rec = cli.quantize_loaded(qmodel, tokenizer, qargs, cli.make_config(qargs), progress)
         cli._summary(rec)
         rec["ppl"] = ppl[name] = cli.evaluate(qmodel, tokenizer, args.windows, args.seq_len,
                                               progress=progress)

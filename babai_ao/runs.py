@@ -53,15 +53,24 @@ def report_rows(report: QuantizationReport) -> list[dict[str, Any]]:
 
 
 def stored_bits_per_weight(model: nn.Module) -> float | None:
-    """Average stored bits per weight of the quantized decoder linears (``None``: none are)."""
-    nbytes, count = 0, 0
+    """Average stored bits per weight of the quantized decoder linears (``None``: none are).
+
+    Counts the bytes of every stored tensor of a weight (codes, scales, zeros, outliers).
+    """
+    bits, count = 0.0, 0
     for _, lin in decoder_linears(model):
-        stored = getattr(lin.weight, "nbytes_stored", None)
-        if stored is None:
+        w = lin.weight.detach()
+        numel = w.shape[0] * w.shape[1]
+        stored = getattr(w, "nbytes_stored", None)
+        cert = getattr(w, "certificate", None)
+        if stored is not None:
+            bits += 8 * int(stored)
+        elif cert is not None:  # e.g. a Huffman-coded weight: its certificate counts bytes
+            bits += cert.bits_per_weight * numel
+        else:
             continue
-        nbytes += int(stored)
-        count += lin.weight.shape[0] * lin.weight.shape[1]
-    return 8 * nbytes / count if count else None
+        count += numel
+    return bits / count if count else None
 
 
 def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:

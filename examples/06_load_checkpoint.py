@@ -12,7 +12,8 @@ import tempfile
 import torch
 from torchao.quantization import quantize_
 
-from babai_ao import babai_config, load_quantized, load_smollm2, save_quantized
+from babai_ao import babai_config, load_smollm2
+from babai_ao.hf import from_pretrained, save_pretrained
 
 p = argparse.ArgumentParser()
 p.add_argument("--small", action="store_true", help="1 block (CI)")
@@ -20,13 +21,14 @@ p.add_argument("--out", default=None, help="checkpoint directory")
 args = p.parse_args()
 
 model, tokenizer = load_smollm2(num_layers=1 if args.small else None)
-quantize_(model, babai_config(bits=4, group_size=64),
+config = babai_config(bits=4, group_size=64)
+quantize_(model, config,
           filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "layers" in fqn)
 
 out = args.out or tempfile.mkdtemp()
-save_quantized(model, out)
+save_pretrained(model, out, config)   # safetensors; config.json carries it
 tokenizer.save_pretrained(out)
-loaded = load_quantized(out)
+loaded = from_pretrained(out)          # any fresh process: no other setup
 
 ids = tokenizer("A checkpoint round trip", return_tensors="pt").input_ids
 with torch.no_grad():
@@ -34,6 +36,7 @@ with torch.no_grad():
     b = loaded(input_ids=ids).logits
 w = loaded.model.layers[0].self_attn.q_proj.weight
 print(f"loaded {type(w).__name__}: bits={w.bits}, group_size={w.group_size}, "
-      f"certificate error {w.certificate.error:.4g} <= bound {w.certificate.bound:.4g}")
+      f"certificate: E {w.certificate.error:.4g}, B {w.certificate.bound:.4g}, "
+      f"clipped {w.certificate.clipped}")
 print(f"max |logits diff| after reload: {(a - b).abs().max().item()}")
 assert torch.equal(a, b)

@@ -102,9 +102,10 @@ def test_ctrl_c_during_save_exits_130_and_leaves_no_directory(capsys, tmp_path, 
         pass
 
     monkeypatch.setattr(cli, "load_model", lambda source, n=None: (object(), Tok()))
+    monkeypatch.setattr(cli, "make_config", lambda args: None)
     monkeypatch.setattr(cli, "quantize_loaded", lambda *a, **k: {"method": "babai"})
 
-    def save(model, tokenizer, record, directory):
+    def save(model, tokenizer, config, record, directory):
         (directory / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
