@@ -67,15 +67,16 @@ def observe_hessians(model: nn.Module, calibration: torch.Tensor, batch_size: in
                for n, m in b.named_modules() if isinstance(m, nn.Linear)}
     accs: dict[str, HessianAccumulator] = {}
     owner: dict[str, str] = {}  # linear -> name of the accumulator it shares
-    seen: dict[int, str] = {}
+    last: list = [None, ""]  # the previous linear's input tensor (kept alive) and owner
 
     def hook_for(name: str):
         def hook(_m: nn.Module, args: tuple) -> None:
             x = args[0]
-            if name not in owner:
-                owner[name] = seen.setdefault(id(x), name)
+            if name not in owner:  # linears reading the previous linear's tensor share H
+                owner[name] = last[1] if x is last[0] else name
                 if owner[name] == name:
                     accs[name] = HessianAccumulator(x.shape[-1])
+            last[0], last[1] = x, owner[name]
             if owner[name] == name:
                 accs[name].add(x.detach())
         return hook
@@ -88,7 +89,7 @@ def observe_hessians(model: nn.Module, calibration: torch.Tensor, batch_size: in
     try:
         with torch.no_grad():
             for batch in calibration.split(batch_size):
-                seen.clear()
+                last[0] = None
                 with contextlib.suppress(_Stop):
                     model(input_ids=batch, use_cache=False)
     finally:
