@@ -274,6 +274,46 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     return accs, outputs
 
 
+def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8
+                   ) -> dict[str, HessianAccumulator]:
+    """``H = XᵀX`` of the input of every decoder ``nn.Linear`` of the float model, from one
+    forward pass per batch (the decoder only, no ``lm_head``). Linears that read the same
+    tensor (q/k/v, gate/up) share one accumulator object."""
+    path, blocks = decoder_blocks(model)
+    named = {f"{path}.{i}.{n}": m for i, b in enumerate(blocks)
+             for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+    accs: dict[str, HessianAccumulator] = {}
+    last: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            for other, xo in last.items():
+                if xo is x:  # same input as an earlier linear: share its Hessian
+                    accs.setdefault(name, accs[other])
+                    return
+            last[name] = x
+            accs.setdefault(name, HessianAccumulator(m.in_features, device=m.weight.device))
+            accs[name].add(x.detach())
+        return hook
+
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in named.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in _batches(calibration, batch_size):
+                last.clear()
+                body(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(named) - set(accs))
+    if missing:
+        raise BabaiError(f"linears {missing} never ran on the calibration data")
+    return {n: accs[n] for n in named}
+
+
 def install(linear: nn.Linear, qw: QuantizedWeight) -> None:
     """Replace ``linear.weight`` by a ``BabaiQuantizedTensor`` holding ``qw``.
 

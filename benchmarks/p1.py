@@ -31,41 +31,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
 
 from babai_ao import quantize_weight
-from babai_ao.calibrate import decoder_blocks, install, quantize_model
+from babai_ao.calibrate import install, quantize_model
 from babai_ao.data import calibration_windows, test_tokens
 from babai_ao.evaluate import window_losses
 from babai_ao.models import load_smollm2
+from babai_ao.runs import decoder_linears, report_rows, stored_bits_per_weight
 
 
-def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    path, blocks = decoder_blocks(model)
-    return [(f"{path}.{i}.{n}", m) for i, b in enumerate(blocks)
-            for n, m in b.named_modules() if isinstance(m, nn.Linear)]
-
-
-def stored_bits(model: nn.Module) -> tuple[float | None, str]:
-    """Average stored bits per weight of the quantized decoder linears.
-
-    Counts every inner tensor of the installed tensor subclass (codes, scales, zeros, ...);
-    ``None`` if the weights are plain tensors (dequantized fallback install).
-    """
-    total_bytes, weights = 0, 0
-    for _, lin in decoder_linears(model):
-        w = lin.weight.detach()
-        if type(w) is torch.Tensor or not hasattr(w, "__tensor_flatten__"):
-            return None, "plain tensors installed (no subclass): see certificate bits"
-        names, _ = w.__tensor_flatten__()
-        for name in names:
-            inner = getattr(w, name)
-            total_bytes += inner.numel() * inner.element_size()
-        weights += w.shape[0] * w.shape[1]
-    return 8 * total_bytes / weights, f"inner tensors of {type(w).__name__}"
-
-
-def rtn(model: nn.Module, config: Any) -> list[dict[str, Any]]:
+def rtn(model: torch.nn.Module, config: Any) -> list[dict[str, Any]]:
     rows = []
     for name, lin in decoder_linears(model):
         qw = quantize_weight(lin.weight.detach(), None, bits=config.bits,
@@ -150,11 +125,11 @@ def main(argv: list[str] | None = None) -> None:
             holding, applicable = report.bound_checks()
             record["bound_checks"] = {"E_le_B": holding, "applicable_unclipped": applicable,
                                       "layers": len(report.rows)}
-            rows = [{**r.__dict__, "bound_holds": r.bound_holds} for r in report.rows]
+            rows = report_rows(report)
         record["layers"] = rows
         record["certificate_bits_per_weight"] = (
             sum(r["bits_per_weight"] for r in rows) / len(rows))
-        record["avg_bits_per_weight"], record["bits_source"] = stored_bits(model)
+        record["avg_bits_per_weight"] = stored_bits_per_weight(model)  # stored bytes · 8 / weights
         record["clipped_total"] = sum(r["clipped"] for r in rows)
     ids = test_tokens(tokenizer)
     t0 = time.perf_counter()

@@ -12,12 +12,12 @@ row() {  # name, then p1.py arguments
   echo "$(date -Is) done $name" >> runs/queue.log
 }
 row float          --method float
-row rtn-w4g64      --method rtn --bits 4
 row babai-w4g64-act-seq      --method babai --bits 4 --order act --mode sequential
+row rtn-w4g64      --method rtn --bits 4
 row babai-w4g64-natural-seq  --method babai --bits 4 --order natural --mode sequential
 row babai-w4g64-minpivot-seq --method babai --bits 4 --order min-pivot --mode sequential
-row rtn-w3g64      --method rtn --bits 3
 row babai-w3g64-act-seq      --method babai --bits 3 --order act --mode sequential
+row rtn-w3g64      --method rtn --bits 3
 row babai-w3g64-natural-seq  --method babai --bits 3 --order natural --mode sequential
 row babai-w3g64-minpivot-seq --method babai --bits 3 --order min-pivot --mode sequential
 row babai-w4g64-act-obs      --method babai --bits 4 --order act --mode observe
