@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from babai_ao import BabaiError, HessianAccumulator, quantize_weight
-from babai_ao.calibrate import QuantizationReport, decoder_blocks, quantize_model
+from babai_ao.calibrate import (
+    QuantizationReport,
+    decoder_blocks,
+    layer_hessians,
+    quantize_model,
+)
 
 pytestmark = pytest.mark.model
 BATCH = 2
@@ -84,6 +89,21 @@ def test_observe_hessians_are_those_of_the_float_model(smollm2_small, calibratio
     quantize_model(model, cfg(), calibration_small, mode="observe", batch_size=BATCH,
                    progress=False)
     assert_matches_reference(smollm2_small[0], model, hessians, cfg())
+
+
+def test_layer_hessians_match_reference(smollm2_small, calibration_small):
+    model = smollm2_small[0]
+    accs = layer_hessians(model, calibration_small, batch_size=BATCH)
+    ref = input_hessians(model, calibration_small)
+    assert list(accs) == list(ref)
+    for name, acc in accs.items():
+        torch.testing.assert_close(acc.hessian, ref[name], rtol=1e-5, atol=1e-3)
+        assert acc.tokens == calibration_small.numel()
+    for b in range(2):
+        p = f"model.layers.{b}."
+        assert accs[p + "self_attn.q_proj"] is accs[p + "self_attn.v_proj"]
+        assert accs[p + "mlp.gate_proj"] is accs[p + "mlp.up_proj"]
+        assert accs[p + "self_attn.o_proj"] is not accs[p + "self_attn.q_proj"]
 
 
 def test_every_linear_replaced_and_on_grid(smollm2_small, sequential):
