@@ -21,3 +21,4 @@ row rtn-w3g64      --method rtn --bits 3
 row babai-w3g64-natural-seq  --method babai --bits 3 --order natural --mode sequential
 row babai-w3g64-minpivot-seq --method babai --bits 3 --order min-pivot --mode sequential
 row babai-w4g64-act-obs      --method babai --bits 4 --order act --mode observe
+row babai-w4g64-act-torchao  --method babai --bits 4 --order act --mode torchao
