@@ -291,13 +291,6 @@ def _(func, types, args, kwargs):
     return babai_linear(x, weight, bias)
 
 
-@implements_torch_function(torch.Tensor.untyped_storage)
-def _(func, types, args, kwargs):
-    # A wrapper has no storage of its own; the codes' storage identifies it (transformers'
-    # save_pretrained keys tied weights by storage pointer, and safetensors asks for it).
-    return args[0].qdata.untyped_storage()
-
-
 def _mm_weight(w: Any) -> BabaiQuantizedTensor:
     """``mm(x, w)`` computes ``x @ w``: only ``w = Wᵀ`` (a transposed weight) is a linear."""
     if not isinstance(w, BabaiQuantizedTensor) or not w.transposed:
