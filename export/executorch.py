@@ -65,8 +65,11 @@ def _check_8da4w(ep: torch.export.ExportedProgram) -> bool:
 
 
 def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
-          init_buffers: Sequence[str] = ()):
+          init_buffers: Sequence[str] = (), xnnpack: bool = True):
     """An ``ExecutorchProgramManager`` for ``ep`` (``.buffer`` holds the ``.pte`` bytes).
+
+    ``xnnpack=False`` (weight-only only) keeps every op portable: slower to run, faster to
+    lower (no delegate preprocessing), same numbers up to summation order.
 
     Mutable buffers whose names contain one of ``init_buffers`` keep their initial values in
     the program (ExecuTorch otherwise serializes mutated buffers uninitialized).
@@ -101,9 +104,11 @@ def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
             table[deq] = exact_dequantize
         ep = ep.run_decompositions(table)
         partitioner = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+    if mode == "8da4w" and not xnnpack:
+        raise BabaiError("mode='8da4w' runs only in XNNPACK: keep xnnpack=True")
     shifts = [torch.ops.aten.bitwise_right_shift.Tensor, torch.ops.aten.bitwise_left_shift.Tensor]
     edge = to_edge_transform_and_lower(
-        ep, partitioner=[partitioner],
+        ep, partitioner=[partitioner] if xnnpack else None,
         compile_config=EdgeCompileConfig(_core_aten_ops_exception_list=shifts))
     passes = [InitializedMutableBufferPass(list(init_buffers))] if init_buffers else []
     return edge.to_executorch(ExecutorchBackendConfig(passes=passes))

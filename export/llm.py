@@ -76,7 +76,7 @@ class ExplicitCacheLM(torch.nn.Module):
 
 
 def export_llm_executorch(model: torch.nn.Module, path: str | Path, max_cache_len: int = 64,
-                          mode: str = "weight_only") -> Path:
+                          mode: str = "weight_only", xnnpack: bool = True) -> Path:
     """A ``.pte`` whose ``forward(input_ids [1, 1], cache_position [1])`` returns logits."""
     from .executorch import lower
 
@@ -86,7 +86,7 @@ def export_llm_executorch(model: torch.nn.Module, path: str | Path, max_cache_le
         # strict: non-strict tracing of the cache wrapper fails in run_decompositions (torch 2.13)
         ep = torch.export.export(wrapper, (), {"input_ids": ids, "cache_position": pos},
                                  strict=True)
-    program = lower(ep, mode, init_buffers=("key_cache", "value_cache"))
+    program = lower(ep, mode, init_buffers=("key_cache", "value_cache"), xnnpack=xnnpack)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(program.buffer)

@@ -26,12 +26,15 @@ class BufferLinear(torch.nn.Module):
         super().__init__()
         self.bits, self.group_size = int(weight.bits), int(weight.group_size)
         self.in_features = int(weight.shape[1])
-        self.register_buffer("packed", weight.qdata)
-        self.register_buffer("scales", weight.scale)
-        self.register_buffer("zeros", weight.zero_point)
-        self.register_buffer("bias", None if bias is None else bias.detach())
+        def plain(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().contiguous()  # dim order [0, 1] for .pte
+
+        self.register_buffer("packed", plain(weight.qdata))
+        self.register_buffer("scales", plain(weight.scale))
+        self.register_buffer("zeros", plain(weight.zero_point))
+        self.register_buffer("bias", plain(bias))
         for name in _OPTIONAL:
-            self.register_buffer(name, getattr(weight, name, None))
+            self.register_buffer(name, plain(getattr(weight, name, None)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.babai.linear(x, self.packed, self.scales, self.zeros, self.bias,

@@ -128,7 +128,9 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
         nnz = int(real(idx).numel())
         p = op.Cast(ptr, to=ir.DataType.INT64)
         starts = op.Slice(p, c([1], np.int64), c([n], np.int64))
-        marks = op.ScatterElements(c(np.zeros(nnz + 1, np.int64)), starts,
+        zeros = op.ConstantOfShape(c([nnz + 1], np.int64),
+                                   value=ir.tensor(np.zeros(1, np.int64)))
+        marks = op.ScatterElements(zeros, starts,
                                    op.Expand(c(1, np.int64), op.Shape(starts)),
                                    axis=0, reduction="add")
         rows = op.Slice(op.CumSum(marks, c(0, np.int64)), c([0], np.int64),
