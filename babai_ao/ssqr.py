@@ -27,7 +27,7 @@ from .packing import pack, unpack
 from .quantize import Certificate, _check_weight, quantize_weight
 from .search import solve_decreasing
 
-LOG2_M_RANGE = (-4.0, 1.0)  # multipliers 1/16 … 2
+LOG2_M_RANGE = (-4.0, 3.0)  # multipliers 1/16 … 8
 
 
 @dataclass

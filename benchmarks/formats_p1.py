@@ -100,11 +100,14 @@ def observe_hessians(model: nn.Module, calibration: torch.Tensor, batch_size: in
 
 def cached_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     key = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()[:16]
-    path = cache_dir() / "hessians" / f"smollm2-observe-{key}.pt"
+    path = cache_dir() / "hessians" / f"smollm2-observe-v2-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     t0 = time.perf_counter()
     hs = observe_hessians(model, calibration)
+    linears = dict(model.named_modules())
+    for name, h in hs.items():  # never cache a Hessian of the wrong layer
+        assert h.shape == (linears[name].in_features,) * 2, name
     print(f"observe-mode Hessians: {time.perf_counter() - t0:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
