@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from babai_ao.export import llm
 from babai_ao.export.generate import executorch_step, greedy, onnx_step
+
 from babai_ao.models import load_smollm2
 from babai_ao.tensor import BabaiQuantizedTensor
 
@@ -71,6 +71,7 @@ def main() -> None:
         ("onnx_fp32", None, False, "onnx", "qdq"),
         ("onnx_4bit_qdq", 4, True, "onnx", "qdq"),
         ("onnx_4bit_mmnb", 4, True, "onnx", "matmulnbits"),
+        ("onnx_4bit_mmnb_int8", 4, True, "onnx", "matmulnbits-int8"),
         ("onnx_3bit", 3, False, "onnx", "qdq"),
         ("pte_fp32", None, False, "executorch", "weight_only"),
         ("pte_4bit_8da4w", 4, True, "executorch", "8da4w"),
@@ -83,7 +84,9 @@ def main() -> None:
                  else quantized(bits, sym, args.layers))
         t0 = time.perf_counter()
         if target == "onnx":
-            path = llm.export_llm_onnx(model, args.out / f"{name}.onnx", CACHE, format=mode)
+            fmt, _, int8 = mode.partition("-")  # "-int8": MatMulNBits accuracy_level 4
+            path = llm.export_llm_onnx(model, args.out / f"{name}.onnx", CACHE, format=fmt,
+                                       accuracy_level=4 if int8 else 1)
             step = onnx_step(path, threads=args.threads)
         else:
             path = llm.export_llm_executorch(model, args.out / f"{name}.pte", CACHE, mode=mode)

@@ -97,3 +97,24 @@ def test_smollm2_greedy_decode_equals_eager(tmp_path):
     ref = greedy_eager(model, prompt, 8, cache)
     path = export_llm_executorch(model, tmp_path / "lm.pte", cache, xnnpack=False)
     assert greedy_executorch(path, prompt, 8, cache) == ref
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_aten_unpack_matches_packing(bits):
+    """The graph-side unpack (ATen integer ops) reads what ``packing.pack`` wrote."""
+    from babai_ao.export.decompose import unpack_codes
+
+    from babai_ao.packing import pack
+
+    codes = torch.randint(0, 2**bits, (5, 37))
+    got = unpack_codes(pack(codes, bits), bits, 37)
+    assert torch.equal(got, codes.to(torch.int32))
+
+
+def test_outlier_rows_with_empty_rows():
+    from babai_ao.export.decompose import outlier_rows
+
+    counts = torch.tensor([0, 3, 0, 0, 2, 1, 0])
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    want = torch.repeat_interleave(torch.arange(7), counts)
+    assert torch.equal(outlier_rows(ptr, int(counts.sum())), want)
