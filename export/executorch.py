@@ -14,7 +14,8 @@ entry rewrites it (``decompose``):
   rounded to int8 per token, so outputs move by up to ``½·s_x·Σ_k |W[n, k]|``.
 
 XNNPACK's weight-only group-dequantize pattern is never used: it drops the dequantize without
-error and multiplies raw codes. Every export can run its ``.pte`` once and report the
+error and multiplies raw codes. HPTQ's compute form (dense 8-bit codes, zero 128, one scale
+per row) is exported as an 8-bit layer (weight-only). Every export can run its ``.pte`` once and report the
 difference to eager; check it (the tests do).
 """
 
@@ -47,10 +48,13 @@ def _zeros_symmetric(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> b
     """Whether every group zero of a 4-bit layer is 8 (the symmetric grid XNNPACK assumes)."""
     from babai_ao.packing import unpack
 
-    zeros = constant_of(ep, node.args[_ZEROS])
-    if zeros is None:
-        raise BabaiError("8da4w needs the zero points as model constants (buffers/parameters)")
-    return bool((unpack(zeros.reshape(1, -1), 4, zeros.numel() * 2) == 8).all())
+    packed, zeros = constant_of(ep, node.args[1]), constant_of(ep, node.args[_ZEROS])
+    if packed is None or zeros is None:
+        raise BabaiError("8da4w needs the packed weights as model constants (buffers or "
+                         "parameters), not computed tensors")
+    group_size, in_features = node.args[_BITS + 1], node.args[_BITS + 2]
+    n_zeros = packed.shape[0] * (in_features // group_size)
+    return bool((unpack(zeros.reshape(1, -1), 4, n_zeros) == 8).all())
 
 
 def _check_8da4w(ep: torch.export.ExportedProgram) -> bool:
