@@ -50,7 +50,7 @@ def test_readme_quickstart_runs(tmp_path):
     script.write_text(code)
     res = run_script([str(script)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| layer | tr(D) |" in res.stdout
+    assert "| layer | tr(D) |" in res.stdout and "BabaiQuantizedTensor" in res.stdout
 
 
 @pytest.mark.model
