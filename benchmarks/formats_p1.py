@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "formats_p1.jsonl"
 PLOT = HERE / "formats_p1.png"
 GROUP = 64
-SECTION = "## No-clipping formats (P1)"
+BEGIN, END = "<!-- formats_p1:begin -->", "<!-- formats_p1:end -->"
+BENCHMARKS = HERE.parent / "BENCHMARKS.md"
 # Peer rows of ../shared/PEERS.md (P1), at their bits with a packed integer zero.
 PEERS = [("RTN w4g64 (peer)", 4.3125, 27.224), ("GPTQ llm-compressor w4g64", 4.3125, 25.380),
          ("GPTQ llm-compressor w4g64 static act", 4.3125, 23.940),
@@ -197,22 +198,20 @@ def report() -> str:
         r = json.loads(line)
         results[r["row"]] = r  # the latest run of a row wins
     rows = sorted(results.values(), key=lambda r: (round(r["bits"]), r["bits"], r["ppl"]))
-    lines = [SECTION, "",
-             "SmolLM2-135M-Instruct, protocol P1 (WikiText-2 test, 40 × 2048 tokens), all 210 "
-             "decoder linears quantized, observe-mode Hessians (float-model H of every layer from "
-             "the 128 × 512 P1 calibration windows, one forward), damping 0.01, natural order. "
-             "Bits = every stored byte of the 210 linears (codes, fp16 scales, zeros packed at "
-             "the code width, outlier ptr/idx/val, Huffman bitstream + codebook + chunk index + "
-             "header) × 8 / weights. Clipped rows: asymmetric min-max g64, packed zeros. "
-             "Command: `.venv/bin/python benchmarks/formats_p1.py run <rows>; ... report`.", "",
+    lines = [BEGIN,
+             "Observe-mode Hessians for every row (see above). `E ≤ B layers`: no-clipping "
+             "rows whose certificate holds (clipped rows have no bound).", "",
              "| row | bits/weight (measured) | WikiText-2 PPL (P1) | E ≤ B layers | "
              "quantize s | date |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {LABELS[_kind(r['row'])]} `{r['row']}` | {r['bits']:.3f} | "
                      f"{r['ppl']:.3f} | {r['bound_holds']} | {r['quantize_s']:.0f} | "
                      f"{r['date']} |")
+    done = {r["row"] for r in rows}
     lines += ["", f"Float32: {FLOAT_PPL} (P1). Peers (../shared/PEERS.md) are on the plot "
-              "at their packed-zero bits. Plot: `benchmarks/formats_p1.png`.", ""]
+              "at their packed-zero bits: ![bits vs PPL](benchmarks/formats_p1.png)",
+              f"Rows finished: {len(done)}. Quantize times are wall seconds on the shared box.",
+              END]
     _plot(rows)
     return "\n".join(lines)
 
@@ -245,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("rows", nargs="+")
-    sub.add_parser("report")
+    rep = sub.add_parser("report")
+    rep.add_argument("--write", action="store_true",
+                     help="replace the formats_p1 block of BENCHMARKS.md with the table")
     args = p.parse_args(argv)
     if args.cmd == "run":
         run(args.rows)
-    else:
-        print(report())
+        return
+    text = report()
+    print(text)
+    if args.write:
+        doc = BENCHMARKS.read_text()
+        i, j = doc.index(BEGIN), doc.index(END) + len(END)
+        BENCHMARKS.write_text(doc[:i] + text + doc[j:])
 
 
 if __name__ == "__main__":
