@@ -54,18 +54,34 @@ def timed_decode(step) -> tuple[list[int], float]:
     return tokens, statistics.median(times)
 
 
+def markdown(results: dict) -> str:
+    """The results as a markdown table (size relative to the fp32 file of the same target)."""
+    rows = ["| artifact | size MiB | × smaller than fp32 | decode ms/token | export s |",
+            "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        fp32 = results.get(("onnx" if name.startswith("onnx") else "pte") + "_fp32")
+        ratio = f"{fp32['size_bytes'] / r['size_bytes']:.2f}" if fp32 else "–"
+        rows.append(f"| {name} | {r['size_bytes'] / 2**20:.1f} | {ratio} | "
+                    f"{r['ms_per_token']:.1f} | {r['export_s']:.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("/tmp/export_bench"))
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated stage names to skip")
+    ap.add_argument("--report", action="store_true", help="print the markdown table and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     skip = set(filter(None, args.skip.split(",")))
+    if args.report:
+        print(markdown(results))
+        return
 
     stages = [  # name, bits (None: fp32), symmetric, target, mode/format
         ("onnx_fp32", None, False, "onnx", "qdq"),
