@@ -37,6 +37,7 @@ from .hessian import HessianAccumulator
 from .quantize import QuantizedWeight, quantize_weight
 
 MODES = ("sequential", "observe")
+NO_CLIPPING_FORMATS = ("ssqr", "hptq")  # built by config.quantize_tensor
 CONFIG_FIELDS = ("bits", "group_size", "symmetric", "order", "clip", "damp")
 # attribute paths of the decoder block list, Llama family first
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h")
@@ -340,15 +341,26 @@ def install(linear: nn.Linear, qw: QuantizedWeight) -> None:
 
 
 def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
-                    acc: HessianAccumulator, qkwargs: dict[str, Any]) -> list[LayerReport]:
+                    acc: HessianAccumulator, qkwargs: dict[str, Any], config: Any = None
+                    ) -> list[LayerReport]:
     modules = dict(block.named_modules())
     rows = []
+    no_clipping = qkwargs.get("clip") in NO_CLIPPING_FORMATS
+    if no_clipping and not hasattr(config, "quantize_tensor"):
+        raise BabaiError(f"clip={qkwargs['clip']!r} needs a babai_ao.babai_config(...) config "
+                         "(its quantize_tensor builds the SSQR/HPTQ weight)")
     for name in stage:
         linear = modules[name]
         t0 = time.perf_counter()
-        qw = quantize_weight(linear.weight.detach(), acc.hessian, **qkwargs)
-        install(linear, qw)
-        c = qw.certificate
+        if no_clipping:  # SSQR / HPTQ: the config builds the stored tensor
+            w = linear.weight.detach()
+            tensor = config.quantize_tensor(w, acc.hessian, w.dtype)
+            linear.weight = nn.Parameter(tensor, requires_grad=False)
+            c = tensor.certificate
+        else:
+            qw = quantize_weight(linear.weight.detach(), acc.hessian, **qkwargs)
+            install(linear, qw)
+            c = qw.certificate
         rows.append(LayerReport(
             name=f"{prefix}.{name}", trace_d=c.trace_d, error=c.error,
             error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,
@@ -400,14 +412,16 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             if mode == "observe":
                 accs, outputs = _collect(block, inputs, stages, stop=False, keep_outputs=not last)
                 for stage in stages:
-                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs)
+                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
+                                                  config)
             else:
                 for stage in stages:
                     if bar is not None:
                         bar.set_postfix_str(f"{prefix}.{stage[0]}")
                     accs, _ = _collect(block, inputs, [stage], stop=stage[0] not in repeated,
                                        keep_outputs=False)
-                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs)
+                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
+                                                  config)
                 outputs = [] if last else _collect(block, inputs, [], stop=False,
                                                    keep_outputs=True)[1]
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]

@@ -152,3 +152,30 @@ def test_babai_config_hptq_stores_the_stream_and_loads_decoded(tmp_path):
     assert fresh[0].weight.bits == 8  # decoded compute form: dense 8-bit path
     with pytest.raises(BabaiError, match="target_bits"):
         BabaiConfig(clip="hptq")
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("clip", ["hptq", "ssqr"])
+def test_quantize_model_with_no_clipping_formats(smollm2_small, calibration_small, clip):
+    import copy
+
+    from babai_ao import quantize_model
+    from babai_ao.config import babai_config
+    from babai_ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.tensor import BabaiQuantizedTensor
+
+    model = copy.deepcopy(smollm2_small[0])
+    model.model.layers = model.model.layers[:1]
+    config = (babai_config(clip="hptq", target_bits=3.3, order="natural") if clip == "hptq"
+              else babai_config(bits=3, group_size=64, clip="ssqr", order="natural"))
+    report = quantize_model(model, config, calibration_small, mode="observe", progress=False)
+    assert len(report.rows) == 7 and report.bound_checks() == (7, 7)
+    kind = HuffmanQuantizedTensor if clip == "hptq" else BabaiQuantizedTensor
+    weights = {f"model.layers.0.{n}": m.weight for n, m in model.model.layers[0].named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    for row in report.rows:
+        w = weights[row.name]
+        assert isinstance(w, kind)
+        assert row.bits_per_weight == w.bits_per_weight  # the report counts stored bytes
+        if clip == "hptq":
+            assert abs(row.bits_per_weight - 3.3) <= 0.01
