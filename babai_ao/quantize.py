@@ -139,6 +139,7 @@ def quantize_weight(
         static = True
     else:
         static = order != "natural" or g == k if static_groups is None else static_groups
+        static = static or hessian is None  # H = I: no feedback, lazy grids equal static ones
         if static:
             scale, zero = grid.fit(w.reshape(n, ngroups, g))
         else:
@@ -154,7 +155,12 @@ def quantize_weight(
 
     if not static and block_size % g:
         block_size = g * max(1, block_size // g)  # a lazy group must lie inside one block
-    codes_p, resid_p = nearest_plane(w[:, perm], upper, grid, grid_at, block_size)
+    if hessian is None:  # H = I: U is diagonal, nothing is fed forward; Babai is rounding
+        wp, cols = w[:, perm], (perm // g)
+        codes_p = grid.round(wp, scale[:, cols], zero[:, cols])
+        resid_p = wp - scale[:, cols] * (codes_p - zero[:, cols])
+    else:
+        codes_p, resid_p = nearest_plane(w[:, perm], upper, grid, grid_at, block_size)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
 

@@ -118,11 +118,15 @@ def reference_rtn(w: torch.Tensor, bits: int, g: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("order", ["natural", "act", "min-pivot"])
-def test_identity_hessian_is_rtn(bits, order):
+@pytest.mark.parametrize("explicit", [False, True])
+def test_identity_hessian_is_rtn(bits, order, explicit):
+    # hessian=None takes the rounding shortcut; an explicit I runs the nearest-plane loop
     torch.manual_seed(bits)
     w = torch.randn(48, 256)
-    qw = quantize_weight(w, None, bits=bits, group_size=64, order=order)
+    qw = quantize_weight(w, torch.eye(256) if explicit else None, bits=bits, group_size=64,
+                         order=order)
     assert torch.equal(qw.codes, reference_rtn(w, bits, 64))
+    assert qw.certificate.identity == pytest.approx(qw.error, rel=1e-4)
 
 
 def test_one_and_two_dimensional_hand_calculations():
