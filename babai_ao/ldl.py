@@ -25,23 +25,29 @@ ORDERS = ("natural", "act", "min-pivot")
 
 
 def min_pivot_order(h: torch.Tensor) -> torch.Tensor:
-    """Quantization order from a pivoted LDL that eliminates the smallest pivot first."""
-    s = h.clone()
-    k = s.shape[0]
-    perm = torch.arange(k, device=h.device)
+    """Quantization order from a pivoted LDL that eliminates the smallest pivot first.
+
+    Left-looking: after ``i`` steps with Cholesky rows ``L[:i]``, the Schur-complement
+    diagonal is ``d = diag H − Σ L[:i]²``; step ``i`` eliminates ``j = argmin d`` over the
+    remaining indices and appends ``L[i] = (H_j − L[:i, j]ᵀ L[:i]) / √d_j``.
+    """
+    k = h.shape[0]
+    d = h.diagonal().clone()
+    rows = torch.zeros(k, k, dtype=h.dtype, device=h.device)
+    eliminated = torch.zeros(k, dtype=torch.bool, device=h.device)
+    order = torch.empty(k, dtype=torch.int64, device=h.device)
     for i in range(k):
-        j = i + int(torch.argmin(s.diagonal()[i:]))
-        if j != i:
-            s[[i, j]] = s[[j, i]]
-            s[:, [i, j]] = s[:, [j, i]]
-            perm[[i, j]] = perm[[j, i]]
-        piv = s[i, i]
+        j = int(torch.argmin(d.masked_fill(eliminated, float("inf"))))
+        piv = d[j]
         if piv <= 0:
             raise BabaiError("Hessian is not positive definite (non-positive pivot in LDL): "
                              "raise damp (e.g. damp=0.1) or calibrate on more tokens")
-        col = s[i + 1 :, i]
-        s[i + 1 :, i + 1 :].addr_(col, col, alpha=-1.0 / float(piv))
-    return perm.flip(0)
+        row = h[j] - rows[:i, j] @ rows[:i] if i else h[j].clone()
+        rows[i] = row / piv.sqrt()
+        d -= rows[i].square()
+        eliminated[j] = True
+        order[i] = j
+    return order.flip(0)
 
 
 def quantization_order(h: torch.Tensor, order: str) -> torch.Tensor:
