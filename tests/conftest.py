@@ -5,8 +5,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when its kernels are defined, i.e. at the first import of
+# babai_ao.ops in the session: without a GPU every kernel test runs in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
