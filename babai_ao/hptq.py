@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import huffman, outliers
+from .accounting import bits_per_weight, stored_bytes
 from .errors import BabaiError
 from .grid import Grid
 from .packing import pack
@@ -62,11 +63,11 @@ class HPTQWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return stored_bytes(self.tensors())
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / (self.out_features * self.in_features)
+        return bits_per_weight(self.tensors(), self.out_features, self.in_features)
 
     @property
     def row_scales(self) -> torch.Tensor:
