@@ -14,3 +14,21 @@ def bits_per_weight(tensors: dict[str, torch.Tensor], out_features: int,
                     in_features: int) -> float:
     """``8 · stored bytes / (N · K)``."""
     return 8 * stored_bytes(tensors) / (out_features * in_features)
+
+
+class StoredLayer:
+    """Mixin for a stored layer format: ``tensors()`` is everything the file carries."""
+
+    out_features: int
+    in_features: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return stored_bytes(self.tensors())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_per_weight(self.tensors(), self.out_features, self.in_features)

@@ -133,7 +133,7 @@ def make_config(args: argparse.Namespace) -> Any:
     extra = {k: v for k, v in (("target_bits", args.target_bits),
                                ("outlier_density", args.outlier_density)) if v is not None}
     return babai_config(bits=args.bits, group_size=args.group_size, order=args.order,
-                        clip=clip, **extra)
+                        clip=clip, refine=getattr(args, "refine", 0), **extra)
 
 
 def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
@@ -146,7 +146,8 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         "babai_ao": __version__, "method": "rtn" if args.mode == "rtn" else "babai",
         "model": args.model, "bits": args.bits, "group_size": args.group_size,
         "order": args.order, "clip": args.clip, "mode": args.mode,
-        "target_bits": args.target_bits, "outlier_density": args.outlier_density}
+        "target_bits": args.target_bits, "outlier_density": args.outlier_density,
+        "refine": getattr(args, "refine", 0)}
     t0 = time.perf_counter()
     if args.mode == "rtn":
         from torchao.quantization import quantize_
@@ -234,19 +235,6 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def _windows(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--windows {text!r} is not a number: give a "
-                                         "positive integer or `all`") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"--windows {n} must be positive (or `all`)")
-    return n
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runs import RUN_FILE, load_run, write_json
 
@@ -300,6 +288,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if mode not in modes:
         raise BabaiError(f"--mode {mode} is not a {args.format} mode: choose one of {modes}")
     model, tokenizer = load_model(args.model, args.num_layers)
+    if args.quantize_embedding != "none":
+        from .embedding import quantize_embeddings_
+
+        quantize_embeddings_(model, bits=int(args.quantize_embedding),
+                             group_size=args.embedding_group_size)
     default = Path(args.model) if Path(args.model).is_dir() else Path(".")
     path = Path(args.out) if args.out else default / f"model.{args.format}"
     rep = export_model(model, args.format, mode, path, _export_example(tokenizer, args.seq_len))
@@ -365,17 +358,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------
-def _group_size(text: str) -> int | None:
-    if text in ("none", "channel", "-1"):
-        return None
-    try:
-        g = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--group-size {text!r} is not a number: give e.g. "
-                                         "64 or `none` for per-channel") from None
-    if g <= 0:
-        raise argparse.ArgumentTypeError(f"--group-size {g} must be positive (or `none`)")
-    return g
+def _positive_or_none(flag: str, none_words: tuple[str, ...], example: str):
+    """argparse type: a positive integer, or ``None`` for one of ``none_words``."""
+    def parse(text: str) -> int | None:
+        if text in none_words:
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number: give {example} "
+                                             f"or `{none_words[0]}`") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} {n} must be positive (or "
+                                             f"`{none_words[0]}`)")
+        return n
+    return parse
+
+
+_windows = _positive_or_none("--windows", ("all",), "a positive integer")
+_group_size = _positive_or_none("--group-size", ("none", "channel", "-1"),
+                                "e.g. 64 (`none`: per-channel)")
 
 
 def _add_grid(p: argparse.ArgumentParser) -> None:
@@ -388,6 +390,8 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
                         "formats")
     p.add_argument("--target-bits", type=float, help="ssqr/hptq: average stored bits per weight")
     p.add_argument("--outlier-density", type=float, help="ssqr: fraction of weights as outliers")
+    p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
+                   help="coordinate-descent sweeps after Babai (never raise the error; 0: off)")
 
 
 def _add_calibration(p: argparse.ArgumentParser, windows: int, seq_len: int) -> None:
@@ -434,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output file (default: MODEL_DIR/model.FORMAT)")
     x.add_argument("--seq-len", type=int, default=16, help="tokens of the check input")
     x.add_argument("--num-layers", type=int, help="keep only the first N decoder blocks")
+    x.add_argument("--quantize-embedding", choices=("none", "4", "8"), default="none",
+                   help="round the token embedding (and a tied lm_head) to 4 or 8 bits "
+                        "before exporting (babai_ao.quantize_embeddings_)")
+    x.add_argument("--embedding-group-size", type=int, default=64,
+                   help="group size of the quantized embedding, along its dimension (64)")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="per-layer table and PNG plots from saved runs")

@@ -64,6 +64,7 @@ class BabaiConfig(AOBaseConfig):
     target_bits: float | None = None
     outlier_density: float | None = None
     block_size: int = 128
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
@@ -92,6 +93,12 @@ class BabaiConfig(AOBaseConfig):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
                 or self.block_size <= 0:
             raise BabaiError(f"block_size={self.block_size!r} must be a positive integer")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise BabaiError(f"refine={self.refine!r} must be an integer >= 0 (coordinate-"
+                             "descent sweeps after Babai; 0 = plain Babai/GPTQ)")
+        if self.refine and self.clip in ("ssqr", "hptq"):
+            raise BabaiError("refine applies to the fixed grids (clip=True/False); the "
+                             "ssqr/hptq rate searches run plain Babai: set refine=0")
         if self.clip not in ("ssqr", "hptq") and (
                 self.target_bits is not None or self.outlier_density is not None):
             raise BabaiError("target_bits / outlier_density apply to the no-clipping formats: "
@@ -136,18 +143,20 @@ class BabaiConfig(AOBaseConfig):
         qw = quantize_weight(weight.detach(), hessian, bits=self.bits,
                              group_size=self.group_size, symmetric=self.symmetric,
                              order=self.order, clip=bool(self.clip), damp=self.damp,
-                             block_size=self.block_size)
+                             block_size=self.block_size, refine=self.refine)
         return BabaiQuantizedTensor.from_quantized(qw, dtype)
 
 
 def babai_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                  order: str = "act", clip: bool | str = True, damp: float = 0.01,
                  step: str | None = None, target_bits: float | None = None,
-                 outlier_density: float | None = None, block_size: int = 128) -> BabaiConfig:
+                 outlier_density: float | None = None, block_size: int = 128,
+                 refine: int = 0) -> BabaiConfig:
     """The config for ``torchao.quantization.quantize_`` (arguments validated; BabaiError)."""
     return BabaiConfig(bits=bits, group_size=group_size, symmetric=symmetric, order=order,
                        clip=clip, damp=damp, step=step, target_bits=target_bits,
-                       outlier_density=outlier_density, block_size=block_size)
+                       outlier_density=outlier_density, block_size=block_size,
+                       refine=refine)
 
 
 @register_quantize_module_handler(BabaiConfig)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import huffman, outliers
-from .accounting import bits_per_weight, stored_bytes
+from .accounting import StoredLayer
 from .errors import BabaiError
 from .grid import Grid
 from .packing import pack
@@ -38,7 +38,7 @@ GAUSSIAN_ENTROPY_OFFSET = 0.5 * math.log2(2 * math.pi * math.e)  # h(N(0,σ²)) 
 
 
 @dataclass
-class HPTQWeight:
+class HPTQWeight(StoredLayer):
     """One layer in HPTQ form: the Huffman stream of its codes and its scale(s)."""
 
     stream: huffman.HuffmanStream
@@ -60,14 +60,6 @@ class HPTQWeight:
             raise BabaiError(f"the Huffman stream holds {stream.num_symbols} codes, expected "
                              f"{out_features}×{in_features}: the file belongs to another layer")
         return cls(stream, tensors["scales"], out_features, in_features, None)  # type: ignore[arg-type]
-
-    @property
-    def nbytes(self) -> int:
-        return stored_bytes(self.tensors())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return bits_per_weight(self.tensors(), self.out_features, self.in_features)
 
     @property
     def row_scales(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .errors import BabaiError
 from .grid import Grid, dequantize
 from .hessian import damped, validate_hessian
 from .ldl import inverse_cholesky, quantization_order
+from .refine import coordinate_descent
 
 SCALE_BITS = 16
 
@@ -28,7 +29,7 @@ class Certificate:
     pivots: torch.Tensor  # d_j in quantization order
     error: float  # tr((W−Q) H_damped (W−Q)ᵀ)
     error_undamped: float  # tr((W−Q) H (W−Q)ᵀ) ≤ error
-    identity: float  # Σ d_j r_j², equals ``error`` up to rounding
+    identity: float  # Σ d_j r_j² of the Babai pass: equals ``error`` unless refined
     bound: float  # ¼ Σ d_j s_j²; valid when clipped == 0
     clipped: int  # codes that were clamped to the grid's range
     bits_per_weight: float
@@ -107,6 +108,7 @@ def quantize_weight(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    refine: int = 0,
 ) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K] (``XᵀX`` of the layer's inputs).
 
@@ -115,6 +117,8 @@ def quantize_weight(
     group is reached (GPTQ's lazy grouping); with any other order, or ``static_groups=True``,
     from the original weights up front, so groups stay contiguous in storage. Explicit
     ``scales``/``zeros`` [N, K // g] fix the grid (used by the no-clipping formats).
+    ``refine`` > 0 runs that many coordinate-descent sweeps after Babai
+    (``babai_ao.refine``): the error can only go down, ``identity`` keeps Babai's own.
     """
     grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype)
     g = _check_weight(weight, group_size)
@@ -163,6 +167,10 @@ def quantize_weight(
         codes_p, resid_p = nearest_plane(w[:, perm], upper, grid, grid_at, block_size)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
+    if refine and hessian is not None:
+        cols = torch.arange(k, device=w.device) // g
+        codes, _ = coordinate_descent(w, codes, scale[:, cols], zero[:, cols], h,
+                                      grid.maxq if clip else None, refine, block_size)
 
     d = upper.diagonal().pow(-2)
     q = dequantize(codes, scale, zero, g)

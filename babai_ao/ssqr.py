@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import outliers
-from .accounting import bits_per_weight, stored_bytes
+from .accounting import StoredLayer
 from .errors import BabaiError
 from .grid import Grid
 from .ops import dequantize_packed
@@ -32,7 +32,7 @@ LOG2_M_RANGE = (-4.0, 3.0)  # multipliers 1/16 … 8
 
 
 @dataclass
-class SSQRWeight:
+class SSQRWeight(StoredLayer):
     """One layer in SSQR form: packed dense codes, group grid, CSR outliers."""
 
     packed: torch.Tensor  # uint8 [N, ceil(K/8)·b]
@@ -54,14 +54,6 @@ class SSQRWeight:
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros,
                 "outlier_ptr": self.csr.ptr, "outlier_idx": self.csr.idx,
                 "outlier_val": self.csr.val}
-
-    @property
-    def nbytes(self) -> int:
-        return stored_bytes(self.tensors())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return bits_per_weight(self.tensors(), self.out_features, self.in_features)
 
     @property
     def outlier_density(self) -> float:

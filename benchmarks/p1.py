@@ -67,7 +67,7 @@ def torchao_observe_convert(model: torch.nn.Module, config: Any, calibration: to
     fqns = {name for name, _ in decoder_linears(model)}
     only = lambda m, fqn: fqn in fqns  # noqa: E731  (not lm_head: tied to the embeddings)
     fields = {f: getattr(config, f) for f in ("bits", "group_size", "symmetric", "order",
-                                              "clip", "damp")}
+                                              "clip", "damp", "refine")}
     quantize_(model, babai_config(**fields, step="observe"), filter_fn=only)
     with torch.no_grad():
         for ids in calibration.split(batch_size):
@@ -78,7 +78,8 @@ def torchao_observe_convert(model: torch.nn.Module, config: Any, calibration: to
 
 def make_config(args: argparse.Namespace) -> tuple[Any, str]:
     fields = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
-              "order": args.order, "clip": not args.no_clip, "damp": args.damp}
+              "order": args.order, "clip": not args.no_clip, "damp": args.damp,
+              "refine": args.refine}
     try:
         from babai_ao.config import babai_config
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--no-clip", action="store_true", help="unbounded codes (E <= B holds)")
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--refine", type=int, default=0,
+                   help="coordinate-descent sweeps after Babai (babai_ao.refine)")
     p.add_argument("--calib-n", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.method != "float":
         config, config_kind = make_config(args)
         record.update(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                      clip=not args.no_clip, damp=args.damp, config=config_kind)
+                      clip=not args.no_clip, damp=args.damp, refine=args.refine,
+                      config=config_kind)
         t0 = time.perf_counter()
         if args.method == "rtn":
             rows = rtn(model, config)
