@@ -28,12 +28,14 @@ row babai-w4g64-act-seq      --method babai --bits 4 --order act --mode sequenti
 row rtn-w4g64                --method rtn --bits 4
 row babai-w3g64-act-seq      --method babai --bits 3 --order act --mode sequential
 row rtn-w3g64                --method rtn --bits 3
-formats hptq@3.297 babai3 hrtn@3.297
+formats hptq@3.297 babai3 hptq@2.3 babai2 hrtn@3.297
+row babai-w4g64-act-seq-refine2 --method babai --bits 4 --order act --mode sequential --refine 2
 row babai-w4g64-minpivot-seq --method babai --bits 4 --order min-pivot --mode sequential
-formats hptq@2.3 babai2 hrtn@2.3
+row babai-w3g64-act-seq-refine2 --method babai --bits 3 --order act --mode sequential --refine 2
+formats hrtn@2.3 ssqr3@3.4 hptq@4.3
 row babai-w3g64-minpivot-seq --method babai --bits 3 --order min-pivot --mode sequential
 row babai-w4g64-natural-seq  --method babai --bits 4 --order natural --mode sequential
 row babai-w4g64-act-torchao  --method babai --bits 4 --order act --mode torchao
-formats ssqr3@3.4 hptq@4.3 rtn2 ssqr2@2.4 hrtn@4.3 babai4 ssqr4@4.4
+formats rtn2 ssqr2@2.4 hrtn@4.3 babai4 ssqr4@4.4
 row babai-w3g64-natural-seq  --method babai --bits 3 --order natural --mode sequential
 row babai-w4g64-act-obs      --method babai --bits 4 --order act --mode observe

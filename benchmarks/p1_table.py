@@ -43,7 +43,8 @@ def label(r: dict[str, Any]) -> str:
     if r["method"] == "rtn":
         return f"RTN w{r['bits']}g{r['group_size']}"
     clip = "" if r.get("clip", True) else " no-clip"
-    return f"babai w{r['bits']}g{r['group_size']} {r['order']} {r['mode']}{clip}"
+    refine = f" + refine {r['refine']}" if r.get("refine") else ""
+    return f"babai w{r['bits']}g{r['group_size']} {r['order']} {r['mode']}{clip}{refine}"
 
 
 def fmt_s(x: float | None) -> str:
