@@ -28,6 +28,9 @@ _LAZY = {
     "calibration_windows": "data",
     "load_smollm2": "models",
     "perplexity": "evaluate",
+    "quantize_embeddings_": "embedding",
+    "babai_embedding_config": "embedding",
+    "BabaiEmbeddingConfig": "embedding",
 }
 
 

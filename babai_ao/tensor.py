@@ -315,6 +315,18 @@ def _(func, types, args, kwargs):
     return babai_linear(x, _mm_weight(w), bias)
 
 
+@implements(aten.embedding.default)
+def _(func, types, args, kwargs):
+    """``weight[indices]`` through ``babai::embedding`` (``babai_ao.embedding``): only the
+    looked-up rows are dequantized."""
+    from .embedding import babai_embedding
+
+    weight, indices = args[:2]
+    if not isinstance(weight, BabaiQuantizedTensor) or isinstance(indices, BabaiQuantizedTensor):
+        raise BabaiError("a BabaiQuantizedTensor can only be the table of an embedding")
+    return babai_embedding(indices, weight)
+
+
 @implements([aten.t.default, aten.transpose.int])
 def _(func, types, args, kwargs):
     self = args[0]
