@@ -14,6 +14,9 @@ codes ``q − 8`` held in int8 with per-group scales ``s``. An asymmetric grid d
 by ``s·(z − 8)`` per group, so when ``asymmetric`` the exact correction
 ``− Σ_g (Σ_{k∈g} x_k) · s[n, g]·(z[n, g] − 8)`` is added (a float matmul 1/g the size).
 SSQR outliers are added on the output: ``y[n] += Σ_j x[idx_j] · s[n, idx_j//g] · δ_j``.
+
+``exact_embedding`` is ``babai::embedding`` (``babai_ao.embedding``) in the same spirit: the
+looked-up packed rows are gathered and dequantized with ATen integer ops (any bit-width).
 """
 
 from __future__ import annotations
@@ -112,6 +115,21 @@ def exact_dequantize(packed, scales, zeros, bits, group_size, in_features, outli
                            outlier_ptr, outlier_idx, outlier_val).to(dtype)
 
 
+def exact_embedding(indices, packed, scales, zeros, bits, group_size, embedding_dim,
+                    dtype=torch.float32) -> torch.Tensor:
+    """``babai::embedding`` as portable ATen ops: gather the packed rows, their scales and
+    zero codes, dequantize those rows only (the same float operations as eager)."""
+    from babai_ao.embedding import zero_codes
+
+    groups = embedding_dim // group_size
+    flat = indices.reshape(-1).to(torch.int64)
+    q = unpack_codes(packed.index_select(0, flat), bits, embedding_dim).to(torch.float32)
+    z = zero_codes(zeros, bits, flat, groups).to(torch.float32)
+    s = scales.index_select(0, flat).to(torch.float32)
+    e = (q.reshape(-1, groups, group_size) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+    return e.reshape(*indices.shape, embedding_dim).to(dtype)
+
+
 def make_linear_8da4w(asymmetric: bool) -> Callable[..., torch.Tensor]:
     """The 8da4w decomposition; ``asymmetric`` adds the zero-point correction (module doc)."""
 
@@ -158,6 +176,14 @@ def _output_outliers(xf, scales, group_size, n, ptr, idx, val) -> torch.Tensor:
 def babai_linear_nodes(ep: torch.export.ExportedProgram) -> list[torch.fx.Node]:
     """The ``babai::linear`` calls of an exported program."""
     return [n for n in ep.graph.nodes if n.op == "call_function" and n.target == _OP]
+
+
+def babai_embedding_nodes(ep: torch.export.ExportedProgram) -> list[torch.fx.Node]:
+    """The ``babai::embedding`` calls of an exported program."""
+    import babai_ao.embedding  # noqa: F401  (registers babai::embedding)
+
+    op = torch.ops.babai.embedding.default
+    return [n for n in ep.graph.nodes if n.op == "call_function" and n.target == op]
 
 
 def dequantize_op() -> torch._ops.OpOverload | None:

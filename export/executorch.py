@@ -29,10 +29,12 @@ import torch
 from babai_ao.errors import BabaiError
 
 from .decompose import (
+    babai_embedding_nodes,
     babai_linear_nodes,
     constant_of,
     dequantize_op,
     exact_dequantize,
+    exact_embedding,
     exact_linear,
     make_linear_8da4w,
     with_plain_constants,
@@ -68,6 +70,82 @@ def _check_8da4w(ep: torch.export.ExportedProgram) -> bool:
     return not all(_zeros_symmetric(ep, n) for n in nodes)
 
 
+def _embedding_layout(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      bits: int, group_size: int, dim: int, dtype: torch.dtype):
+    """``(op, weight, scales, zero_points, qmin, qmax)`` for ExecuTorch's quantized embedding
+    kernels, or ``None`` where none fits (3 bit; rows not a whole number of bytes).
+
+    ``embedding_4bit`` reads two codes per byte high nibble first and ``embedding_2bit`` four
+    per byte low bits first, both as signed ``code − 2^(b−1)``; ``embedding_byte`` takes the
+    uint8 codes as they are. Zero points are shifted the same way, so ``(q − z)·s`` is
+    unchanged; all-midpoint zeros (a symmetric grid) are left out. The kernels want scales,
+    zero points and output in one dtype: both are stored in the output dtype (float32: the
+    fp16 scales convert exactly, and the rows equal eager's bit for bit).
+    """
+    from babai_ao.embedding import zero_codes
+
+    if bits not in (2, 4, 8) or (dim * bits) % 8:
+        return None
+    qd = torch.ops.quantized_decomposed
+    n, groups = packed.shape[0], dim // group_size
+    scales = scales.to(dtype)  # exact (fp16 -> fp32); the kernels want scales, zeros, output alike
+    w = packed[:, :dim * bits // 8].contiguous()
+    z = zero_codes(zeros, bits, torch.arange(n), groups)
+    if bits == 8:
+        return qd.embedding_byte.dtype, w, scales, z.to(dtype), 0, 255
+    mid = 1 << (bits - 1)
+    zp = None if bool((z == mid).all()) else (z - mid).to(dtype)
+    if bits == 4:
+        w = ((w & 0x0F) << 4) | (w >> 4)  # low nibble first -> high nibble first
+        return qd.embedding_4bit.dtype, w.contiguous(), scales, zp, -8, 7
+    return qd.embedding_2bit.dtype, w, scales, zp, -2, 1
+
+
+def quantized_embeddings(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Replace each ``babai::embedding`` by ExecuTorch's ``quantized_decomposed`` embedding
+    kernel on re-laid-out constants (in place; packed originals no op reads are dropped).
+    Embeddings no kernel fits stay for the ``exact_embedding`` decomposition."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (op schemas)
+    from executorch.backends.transforms.utils import (
+        create_constant_placeholder,
+        delete_constant_placeholder,
+    )
+    from torch.export.graph_signature import InputKind
+
+    nodes = babai_embedding_nodes(ep)
+    if not nodes:
+        return ep
+    graph = ep.graph
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    olds: set[torch.fx.Node] = set()
+    for i, node in enumerate(nodes):
+        indices, packed, scales, zeros, bits, group_size, dim = node.args[:7]
+        dtype = node.args[7] if len(node.args) > 7 else node.kwargs.get("dtype", torch.float32)
+        real = [constant_of(ep, a) for a in (packed, scales, zeros)]
+        if any(t is None for t in real):
+            raise BabaiError("a quantized embedding needs its packed table as model "
+                             "constants (buffers or parameters), not computed tensors")
+        layout = _embedding_layout(*real, bits, group_size, dim, dtype)
+        if layout is None:
+            continue
+        op, w, s, zp, qmin, qmax = layout
+        with graph.inserting_before(first):
+            consts = [None if t is None else create_constant_placeholder(
+                ep, graph, f"babai_embedding_{i}_{name}", InputKind.CONSTANT_TENSOR, t)
+                for name, t in (("weight", w), ("scales", s), ("zero_points", zp))]
+        with graph.inserting_before(node):
+            new = graph.call_function(op, (*consts, qmin, qmax, indices), {"dtype": dtype})
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        olds.update(a for a in (packed, scales, zeros))
+    for old in olds:
+        if not old.users:
+            delete_constant_placeholder(ep, old)
+    ep.graph_module.recompile()
+    return ep
+
+
 def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
           init_buffers: Sequence[str] = (), xnnpack: bool = True):
     """An ``ExecutorchProgramManager`` for ``ep`` (``.buffer`` holds the ``.pte`` bytes).
@@ -89,10 +167,12 @@ def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
 
     if mode not in MODES:
         raise BabaiError(f"unknown ExecuTorch mode {mode!r}: choose one of {MODES}")
-    ep = with_plain_constants(ep)
+    ep = quantized_embeddings(with_plain_constants(ep))
     deq = dequantize_op()
+    emb = {torch.ops.babai.embedding.default: exact_embedding} if babai_embedding_nodes(ep) \
+        else {}
     if mode == "8da4w":
-        table = {torch.ops.babai.linear.default: make_linear_8da4w(_check_8da4w(ep))}
+        table = {torch.ops.babai.linear.default: make_linear_8da4w(_check_8da4w(ep)), **emb}
         if deq is not None and any(n.target == deq for n in ep.graph.nodes):
             raise BabaiError("mode='8da4w' cannot keep a babai::dequantize weight packed: "
                              "use mode='weight_only'")
@@ -103,7 +183,7 @@ def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
             ao.dequantize_affine.default})
         partitioner = XnnpackPartitioner()
     else:
-        table = {torch.ops.babai.linear.default: exact_linear}
+        table = {torch.ops.babai.linear.default: exact_linear, **emb}
         if deq is not None:
             table[deq] = exact_dequantize
         ep = ep.run_decompositions(table)
@@ -120,6 +200,7 @@ def lower(ep: torch.export.ExportedProgram, mode: str = "weight_only",
 
 def load_method(path: str | Path, name: str = "forward"):
     """A loaded method of a ``.pte`` in the ExecuTorch Python runtime (keeps its state)."""
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed embedding kernels)
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(str(path))

@@ -34,7 +34,12 @@ import torch
 from babai_ao.errors import BabaiError
 from babai_ao.packing import unpack
 
-from .decompose import babai_linear_nodes, constant_of, with_plain_constants
+from .decompose import (
+    babai_embedding_nodes,
+    babai_linear_nodes,
+    constant_of,
+    with_plain_constants,
+)
 from .modules import plain_buffers
 from .report import ExportReport, flat_outputs, max_diff
 
@@ -68,6 +73,34 @@ def register_matmulnbits_schema() -> None:
                                 type_constraints=types, attributes=attrs))
 
 
+def register_gather_block_quantized_schema() -> None:
+    """Make ``com.microsoft.GatherBlockQuantized`` (ONNX Runtime contrib op) known to onnx."""
+    import onnx
+
+    if onnx.defs.has("GatherBlockQuantized", "com.microsoft"):
+        return
+    S = onnx.defs.OpSchema
+    opt = S.FormalParameterOption.Optional
+    inputs = [S.FormalParameter("data", "T1"), S.FormalParameter("indices", "Tind"),
+              S.FormalParameter("scales", "T2"),
+              S.FormalParameter("zero_points", "T1", param_option=opt)]
+    attrs = [S.Attribute(name, S.AttrType.INT, required=False)
+             for name in ("bits", "block_size", "gather_axis", "quantize_axis")]
+    types = [("T1", ["tensor(uint8)", "tensor(uint4)", "tensor(int4)"], ""),
+             ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+             ("Tind", ["tensor(int32)", "tensor(int64)"], "")]
+    onnx.defs.register_schema(S("GatherBlockQuantized", "com.microsoft", 1, inputs=inputs,
+                                outputs=[S.FormalParameter("output", "T2")],
+                                type_constraints=types, attributes=attrs))
+
+
+def gather_block_quantized_fits(bits: int, group_size: int, dim: int) -> bool:
+    """Whether ORT's ``GatherBlockQuantized`` takes the table: uint8 data at 2/4/8 bits, rows a
+    whole number of bytes, blocks a power of two ≥ 16 (else: Gather + unpack + Dequantize)."""
+    return (bits in (2, 4, 8) and (dim * bits) % 8 == 0 and group_size >= 16
+            and group_size & (group_size - 1) == 0)
+
+
 def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack uint8 codes [R, C] (b ∈ {2, 4, 8}) little-endian per row, rows padded to a byte."""
     per = 8 // bits
@@ -92,6 +125,14 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
             return op.Constant(value=array)  # an onnx_ir tensor (packed sub-byte types)
         return op.Constant(value=ir.tensor(np.asarray(array, dtype=dtype)))
 
+    blocks: dict[str, Any] = {}  # packed name -> [N, G, g·b/8] bytes (shared by a tied table)
+
+    def block_bytes(packed, n: int, groups: int, nbytes: int):
+        """MatMulNBits' B: the packed rows as blocks, one Constant per packed tensor."""
+        if packed.name not in blocks:
+            blocks[packed.name] = c(real(packed).numpy().reshape(n, groups, nbytes))
+        return blocks[packed.name]
+
     def real(v) -> torch.Tensor:
         name = getattr(v, "name", None)
         if name not in consts:
@@ -100,14 +141,15 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
         return consts[name]
 
     def unpack_in_graph(packed, bits: int, n: int, k: int):
-        """uint8 codes [N, K] from packed bytes [N, nb] (module doc)."""
+        """uint8 codes [N, K] from packed bytes [N, nb] (module doc); ``n = -1``: any rows."""
+        kp = (k + 7) // 8 * 8  # codes per row with the padding of the packing
         if 8 % bits == 0:
             shifts = c(np.arange(0, 8, bits, dtype=np.uint8))
             codes = op.BitwiseAnd(op.BitShift(op.Unsqueeze(packed, [-1]), shifts,
                                               direction="RIGHT"),
                                   c((1 << bits) - 1, np.uint8))
         else:
-            runs = op.Cast(op.Reshape(packed, c([n, -1, bits], np.int64)),
+            runs = op.Cast(op.Reshape(packed, c([n, kp // 8, bits], np.int64)),
                            to=ir.DataType.UINT32)
             word = op.Gather(runs, c(0, np.int64), axis=-1)
             for j in range(1, bits):
@@ -119,7 +161,7 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
                                                       direction="RIGHT"),
                                           c((1 << bits) - 1, np.uint32)),
                             to=ir.DataType.UINT8)
-        flat = op.Reshape(codes, c([n, -1], np.int64))
+        flat = op.Reshape(codes, c([n, kp], np.int64))
         return op.Slice(flat, c([0], np.int64), c([k], np.int64),
                         c([1], np.int64))
 
@@ -156,7 +198,7 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
             xf = op.Gather(xf, op.Cast(act_perm, to=ir.DataType.INT64), axis=-1)
         if fmt == "matmulnbits" and bits in (2, 4, 8):
             scales_f = op.Cast(c(s16.reshape(-1).numpy()), to=ir.DataType.FLOAT)
-            b = c(P.numpy().reshape(n, groups, g * bits // 8))
+            b = block_bytes(packed, n, groups, g * bits // 8)
             zp = c(_pack_rows(z.astype(np.uint8), bits).reshape(-1))
             y = msft.MatMulNBits(xf, b, scales_f, zp, K=k, N=n, bits=bits, block_size=g,
                                  accuracy_level=accuracy_level)
@@ -189,7 +231,40 @@ def _make_translation(consts: dict[str, torch.Tensor], fmt: str, accuracy_level:
                                    reduction="add")
         return y if x.dtype == ir.DataType.FLOAT else op.CastLike(y, x)
 
-    return babai_linear
+    def babai_embedding(indices, packed, scales, zeros, bits: int, group_size: int,
+                        embedding_dim: int, dtype=None):
+        """Rows of the quantized table: ``GatherBlockQuantized`` (module doc), else a
+        ``Gather`` of the packed rows, in-graph unpack and ``DequantizeLinear``."""
+        P = real(packed)
+        n, k, g = P.shape[0], embedding_dim, group_size
+        groups = k // g
+        z = unpack(real(zeros).reshape(1, -1), bits, n * groups).reshape(n, groups).numpy()
+        s32 = real(scales).to(torch.float32).numpy()  # exact; T2 is the output type
+        if fmt == "matmulnbits" and gather_block_quantized_fits(bits, g, k) \
+                and P.shape[1] == k * bits // 8:
+            # blocks along the last axis of MatMulNBits' [N, G, g·b/8] bytes: a tied lm_head
+            # and the table are one initializer
+            y = msft.GatherBlockQuantized(
+                block_bytes(packed, n, groups, g * bits // 8), indices,
+                c(s32.reshape(n, groups, 1)), c(z.astype(np.uint8).reshape(n, groups, 1)),
+                bits=bits, block_size=g, gather_axis=0, quantize_axis=2)
+            y = op.Reshape(y, op.Concat(op.Shape(indices), c([k], np.int64), axis=0))
+        elif gather_block_quantized_fits(bits, g, k):
+            data = c(np.ascontiguousarray(P.numpy()[:, :k * bits // 8]))
+            zp = c(_pack_rows(z.astype(np.uint8), bits) if bits < 8 else z.astype(np.uint8))
+            y = msft.GatherBlockQuantized(data, indices, c(s32), zp, bits=bits, block_size=g,
+                                          gather_axis=0, quantize_axis=1)
+        else:
+            flat = op.Reshape(indices, c([-1], np.int64))
+            codes = unpack_in_graph(op.Gather(packed, flat, axis=0), bits, -1, k)
+            rows = op.DequantizeLinear(codes, op.Gather(c(s32), flat, axis=0),
+                                       op.Gather(c(z.astype(np.uint8)), flat, axis=0),
+                                       axis=1, block_size=g)
+            y = op.Reshape(rows, op.Concat(op.Shape(indices), c([k], np.int64), axis=0))
+        half = {torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
+        return op.Cast(y, to=half[dtype]) if dtype in half else y
+
+    return babai_linear, babai_embedding
 
 
 def _slim(model) -> None:
@@ -214,10 +289,14 @@ def export_onnx_program(ep: torch.export.ExportedProgram, path: str | Path,
     if fmt not in FORMATS:
         raise BabaiError(f"unknown ONNX format {fmt!r}: choose one of {FORMATS}")
     register_matmulnbits_schema()
+    register_gather_block_quantized_schema()
     ep = with_plain_constants(ep)
     consts = {node.name: t for node in ep.graph.nodes
               if (t := constant_of(ep, node)) is not None}
-    table = {torch.ops.babai.linear.default: _make_translation(consts, fmt, accuracy_level)}
+    linear, embedding = _make_translation(consts, fmt, accuracy_level)
+    table = {torch.ops.babai.linear.default: linear}
+    if babai_embedding_nodes(ep):
+        table[torch.ops.babai.embedding.default] = embedding
     prog = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table,
                              opset_version=OPSET, optimize=False, verbose=False,
                              input_names=input_names, output_names=output_names)
