@@ -5,9 +5,15 @@ vs 3-bit (group 32: ExecuTorch weight-only, ONNX portable unpack), all in one ru
 an 8-token prompt then 32 greedy tokens, static cache of 64, one token per call; latency is
 the median over the 32 generated tokens. Results are appended stage by stage to a JSON file.
 Weights are RTN on the babai grid (``BabaiQuantizedTensor.from_hp``): sizes and speed do not
-depend on how the codes were chosen. Embedding/lm_head (tied) stay float32.
+depend on how the codes were chosen. Embedding/lm_head (tied) stay float32, except in the
+``*_emb4`` stages: there ``babai_ao.quantize_embeddings_`` rounds the tied table to 4 bits,
+group 64, symmetric like the decoder linears (so 8da4w needs no zero-point correction); the
+lookup runs ``quantized_decomposed::embedding_4bit`` (.pte) or ``GatherBlockQuantized``
+(.onnx) and the lm_head the same 4-bit path as the other linears.
 
     .venv/bin/python benchmarks/export_bench.py --out /tmp/export_bench [--layers 30]
+    .venv/bin/python benchmarks/export_bench.py --out /tmp/export_bench --only onnx_fp32,\
+        pte_fp32,onnx_4bit_qdq_emb4,onnx_4bit_mmnb_emb4,pte_4bit_8da4w_emb4
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from babai_ao.export import llm
 from babai_ao.export.generate import executorch_step, greedy, onnx_step
 
+from babai_ao.embedding import quantize_embeddings_
 from babai_ao.models import load_smollm2
 from babai_ao.tensor import BabaiQuantizedTensor
 
@@ -29,13 +36,16 @@ PROMPT = [1, 504, 3575, 282, 4649, 314, 2613, 28]
 N_NEW, CACHE = 32, 64
 
 
-def quantized(bits: int, symmetric: bool, layers: int | None) -> torch.nn.Module:
+def quantized(bits: int, symmetric: bool, layers: int | None, emb_bits: int | None = None
+              ) -> torch.nn.Module:
     model, _ = load_smollm2(num_layers=layers)
     for mod in model.model.layers.modules():
         if isinstance(mod, torch.nn.Linear):
             w = BabaiQuantizedTensor.from_hp(mod.weight.detach(), bits=bits, group_size=32,
                                              symmetric=symmetric)
             mod.weight = torch.nn.Parameter(w, requires_grad=False)
+    if emb_bits is not None:
+        quantize_embeddings_(model, bits=emb_bits, group_size=64, symmetric=symmetric)
     return model
 
 
@@ -72,6 +82,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated stage names to skip")
+    ap.add_argument("--only", default="", help="comma-separated stage names to run (all)")
     ap.add_argument("--report", action="store_true", help="print the markdown table and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,25 +90,30 @@ def main() -> None:
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     if args.report:
         print(markdown(results))
         return
 
-    stages = [  # name, bits (None: fp32), symmetric, target, mode/format
-        ("onnx_fp32", None, False, "onnx", "qdq"),
-        ("onnx_4bit_qdq", 4, True, "onnx", "qdq"),
-        ("onnx_4bit_mmnb", 4, True, "onnx", "matmulnbits"),
-        ("onnx_4bit_mmnb_int8", 4, True, "onnx", "matmulnbits-int8"),
-        ("onnx_3bit", 3, False, "onnx", "qdq"),
-        ("pte_fp32", None, False, "executorch", "weight_only"),
-        ("pte_4bit_8da4w", 4, True, "executorch", "8da4w"),
-        ("pte_3bit_weight_only", 3, False, "executorch", "weight_only"),
+    stages = [  # name, bits (None: fp32), symmetric, target, mode/format, embedding bits
+        ("onnx_fp32", None, False, "onnx", "qdq", None),
+        ("onnx_4bit_qdq", 4, True, "onnx", "qdq", None),
+        ("onnx_4bit_mmnb", 4, True, "onnx", "matmulnbits", None),
+        ("onnx_4bit_mmnb_int8", 4, True, "onnx", "matmulnbits-int8", None),
+        ("onnx_3bit", 3, False, "onnx", "qdq", None),
+        ("onnx_4bit_qdq_emb4", 4, True, "onnx", "qdq", 4),
+        ("onnx_4bit_mmnb_emb4", 4, True, "onnx", "matmulnbits", 4),
+        ("onnx_4bit_mmnb_int8_emb4", 4, True, "onnx", "matmulnbits-int8", 4),
+        ("pte_fp32", None, False, "executorch", "weight_only", None),
+        ("pte_4bit_8da4w", 4, True, "executorch", "8da4w", None),
+        ("pte_3bit_weight_only", 3, False, "executorch", "weight_only", None),
+        ("pte_4bit_8da4w_emb4", 4, True, "executorch", "8da4w", 4),
     ]
-    for name, bits, sym, target, mode in stages:
-        if name in skip or name in results:
+    for name, bits, sym, target, mode, emb_bits in stages:
+        if name in skip or name in results or (only and name not in only):
             continue
         model = (load_smollm2(num_layers=args.layers)[0] if bits is None
-                 else quantized(bits, sym, args.layers))
+                 else quantized(bits, sym, args.layers, emb_bits))
         t0 = time.perf_counter()
         if target == "onnx":
             fmt, _, int8 = mode.partition("-")  # "-int8": MatMulNBits accuracy_level 4
