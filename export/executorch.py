@@ -17,6 +17,13 @@ XNNPACK's weight-only group-dequantize pattern is never used: it drops the dequa
 error and multiplies raw codes. HPTQ's compute form (dense 8-bit codes, zero 128, one scale
 per row) is exported as an 8-bit layer (weight-only). Every export can run its ``.pte`` once and report the
 difference to eager; check it (the tests do).
+
+Quantized embeddings (``babai::embedding``, ``babai_ao.embedding``), in both modes, become the
+runtime's ``quantized_decomposed::embedding_4bit`` / ``embedding_2bit`` / ``embedding_byte``
+kernels on re-laid-out constants (``quantized_embeddings``: nibble order, signed codes,
+float32 scales and zero points; the lookup is exact), 3-bit tables an ATen gather + unpack.
+A tied lm_head is a ``babai::linear`` like any other (8da4w or exact weight-only), so the
+program holds the table twice at 4 bits and never in float32.
 """
 
 from __future__ import annotations

@@ -20,6 +20,14 @@ SSQR outliers: ``y[..., n] += Σ_j x[..., idx_j] · s[n, idx_j//g] · δ_j`` wit
 row pointers, so outliers cost what they cost in storage. HPTQ reaches this as its compute
 form: dense 8-bit codes (zero 128) with per-row scales, exported as the 8-bit case.
 ``DequantizeLinear`` computes ``(q − z) · s`` in float32, the same operations as eager.
+
+Quantized embeddings (``babai::embedding``, ``babai_ao.embedding``) become ONNX Runtime's
+``com.microsoft.GatherBlockQuantized`` (uint8 data at 2/4/8 bits packed low bits first —
+our layout —, float32 scales, zero points packed per row; blocks a power of two ≥ 16): with
+``format="matmulnbits"`` it reads MatMulNBits' ``[N, G, g·b/8]`` bytes (``quantize_axis=2``),
+so a tied lm_head and the table are one initializer; with ``qdq`` the table is stored
+``[N, K·b/8]`` next to the lm_head's transposed UINT4 copy. Other widths and group sizes:
+``Gather`` of the packed rows, in-graph unpack, ``DequantizeLinear`` of those rows.
 """
 
 from __future__ import annotations
