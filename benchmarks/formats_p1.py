@@ -42,6 +42,7 @@ from babai_ao.quantize import quantize_weight
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "formats_p1.jsonl"
+P1_RUNS = HERE / "results" / "p1"  # benchmarks/p1.py records (sequential calibration)
 PLOT = HERE / "formats_p1.png"
 GROUP = 64
 BEGIN, END = "<!-- formats_p1:begin -->", "<!-- formats_p1:end -->"
@@ -184,12 +185,30 @@ def run(rows: list[str]) -> None:
             f.write(json.dumps(result) + "\n")
 
 
-LABELS = {"rtn": "RTN g64 (clipped)", "babai": "Babai/GPTQ g64 (clipped)", "hrtn": "HRTN",
+LABELS = {"rtn": "RTN g64 (clipped)",
+          "babai": "Babai/GPTQ g64 (clipped, natural order, observe-mode H)",
+          "p1": "Babai/GPTQ g64 (clipped, sequential calibration; P1 table)", "hrtn": "HRTN",
           "hptq": "HPTQ (per tensor)", "ssqr": "SSQR g64"}
 
 
-def _kind(row: str) -> str:
+def _kind(row: str | dict) -> str:
+    if isinstance(row, dict):
+        return row.get("kind") or _kind(row["row"])
     return re.match(r"[a-z]+", row).group(0)
+
+
+def sequential_rows() -> list[dict]:
+    """Clipped rows of the P1 table (``benchmarks/p1.py``, sequential calibration) in this
+    report's shape, so the formats are also compared with our best clipped GPTQ."""
+    rows = []
+    for path in sorted(P1_RUNS.glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("method") not in ("rtn", "babai") or r.get("mode", "sequential") != "sequential":
+            continue
+        rows.append({"row": f"{path.stem}", "bits": r["avg_bits_per_weight"], "ppl": r["ppl"],
+                     "bound_holds": "n/a (clipped)", "quantize_s": r["quant_seconds"],
+                     "date": r["date"][:10], "kind": "p1" if r["method"] == "babai" else "rtn"})
+    return rows
 
 
 def report() -> str:
@@ -197,6 +216,7 @@ def report() -> str:
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
         results[r["row"]] = r  # the latest run of a row wins
+    results.update({r["row"]: r for r in sequential_rows()})
     rows = sorted(results.values(), key=lambda r: (round(r["bits"]), r["bits"], r["ppl"]))
     lines = [BEGIN,
              "Observe-mode Hessians for every row (see above). `E ≤ B layers`: no-clipping "
@@ -204,7 +224,7 @@ def report() -> str:
              "| row | bits/weight (measured) | WikiText-2 PPL (P1) | E ≤ B layers | "
              "quantize s | date |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {LABELS[_kind(r['row'])]} `{r['row']}` | {r['bits']:.3f} | "
+        lines.append(f"| {LABELS[_kind(r)]} `{r['row']}` | {r['bits']:.3f} | "
                      f"{r['ppl']:.3f} | {r['bound_holds']} | {r['quantize_s']:.0f} | "
                      f"{r['date']} |")
     done = {r["row"] for r in rows}
@@ -224,7 +244,7 @@ def _plot(rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, label in LABELS.items():
-        pts = sorted((r["bits"], r["ppl"]) for r in rows if _kind(r["row"]) == kind)
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if _kind(r) == kind)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     for label, bits, ppl in PEERS:
