@@ -171,6 +171,26 @@ def test_export_onnx_runs_and_matches_eager(capsys, babai_run, tmp_path):
 
 
 @pytest.mark.model
+def test_export_onnx_quantized_embedding(capsys, tmp_path):
+    """--quantize-embedding 4: the tied table in 4 bits (lookup + lm_head), still exact."""
+    path = tmp_path / "m.onnx"
+    code, out, err = run_cli(capsys, "export", "smollm2", "--num-layers", "1", "--format",
+                             "onnx", "--quantize-embedding", "4", "--out", str(path),
+                             "--seq-len", "8")
+    assert code == 0, err
+    diff = float(re.search(r"max\|diff\| vs eager ([0-9.e+-]+)", out).group(1))
+    assert "1 quantized linears" in out  # the tied lm_head (the decoder stays float here)
+    assert diff < 1e-2
+    # the float32 table alone is 49152 × 576 × 4 B = 108 MiB; here: 4-bit lookup (15.4 MiB)
+    # + 4-bit lm_head (14.6 MiB) + one float32 block (13.5 MiB)
+    assert path.stat().st_size < 48 * 2**20
+    code, _, err = run_cli(capsys, "export", "smollm2", "--num-layers", "1", "--format", "pte",
+                           "--quantize-embedding", "4", "--embedding-group-size", "100",
+                           "--out", str(tmp_path / "m.pte"))
+    assert_one_line_error(code, err, "group_size=100", "embedding dimension 576")
+
+
+@pytest.mark.model
 def test_group_size_not_dividing_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--mode", "rtn",
                            "--group-size", "100", "--out", str(tmp_path / "o"))
