@@ -30,9 +30,11 @@ from .errors import BabaiError
 
 
 def _is_babai_weight(module: nn.Module) -> bool:
+    from .hptq_tensor import HuffmanQuantizedTensor
     from .tensor import BabaiQuantizedTensor
 
-    return isinstance(getattr(module, "weight", None), BabaiQuantizedTensor)
+    return isinstance(getattr(module, "weight", None),
+                      (BabaiQuantizedTensor, HuffmanQuantizedTensor))
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
@@ -50,7 +52,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
         raise BabaiError(f"{type(model).__name__} is not a transformers model: save its "
                          "state_dict with torch.save instead")
     if not any(_is_babai_weight(m) for m in model.modules()):
-        raise BabaiError("the model holds no BabaiQuantizedTensor weights: quantize it first")
+        raise BabaiError("the model holds no babai-ao quantized weights (BabaiQuantizedTensor or "
+                         "HuffmanQuantizedTensor): quantize it first")
     if kwargs.get("safe_serialization") is False:
         raise BabaiError("babai-ao checkpoints are saved with safetensors: drop "
                          "safe_serialization=False")

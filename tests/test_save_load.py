@@ -198,3 +198,52 @@ def test_corrupt_transformers_checkpoints_raise(saved, tmp_path: Path) -> None:
     save_file(tensors, tmp_path / files[0].name, metadata=meta)
     with pytest.raises(BabaiError, match="does not match its metadata"):
         hf.from_pretrained(tmp_path)
+
+
+HPTQ_FRESH_LOAD = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from babai_ao import hf
+    from babai_ao.hptq_tensor import decode_model
+    path = sys.argv[1]
+    model = hf.from_pretrained(path)
+    streams = {n: m.weight.nbytes_stored for n, m in model.named_modules()
+               if type(getattr(m, "weight", None)).__name__ == "HuffmanQuantizedTensor"}
+    decoded = decode_model(model)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 42, 314, 2718, 99]])).logits
+    torch.save({"logits": logits, "streams": streams, "decoded": decoded}, path + "/fresh.pt")
+""")
+
+
+@pytest.mark.model
+def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> None:
+    """HPTQ (Huffman stream in safetensors) through transformers, loaded in a fresh process:
+    the stream survives byte for byte and decodes to the same outputs."""
+    from babai_ao import hf
+    from babai_ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.models import load_smollm2
+
+    model, _ = load_smollm2(num_layers=1)
+    cfg = babai_config(clip="hptq", target_bits=3.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no Hessian: HRTN
+        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+                  and fqn.startswith("model.layers."))
+    streams = {n: m.weight.nbytes_stored for n, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), HuffmanQuantizedTensor)}
+    assert len(streams) == 7
+    hf.save_pretrained(model, tmp_path, cfg)
+    run = subprocess.run([sys.executable, "-c", HPTQ_FRESH_LOAD, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    assert fresh["streams"] == streams and fresh["decoded"] == 7
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 42, 314, 2718, 99]])).logits
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=1e-5)
