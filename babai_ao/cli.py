@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -469,8 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
 KNOWN_ERRORS = (BabaiError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+# Import-time chatter of dependencies that says nothing about the user's run: torchao's
+# CUDA-only extensions failing to load on CPU, torch's pytree deprecation notes.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``babai-ao`` console script; returns the exit status."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
