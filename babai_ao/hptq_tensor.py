@@ -6,9 +6,11 @@ checkpoints carry the bitstream and the stored bytes are the accounted bytes. Co
 the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.compute_form``
 (8-bit codes + 128, zero 128, one group per row, CSR for codes past int8), and
 ``decode_model(model)`` swaps every Huffman weight of a loaded model for it — the "loading
-decodes" step (vectorized chunk-parallel decode, no per-symbol Python loop). A linear called
-on the stored form decodes on the fly (correct, but it decodes on every call: run
-``decode_model`` before timing, ``torch.compile`` or export).
+decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized NumPy loop on
+CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
+that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
+CPU the reference, which decodes on every call (run ``decode_model`` there before timing,
+``torch.compile`` or export).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import torch
 from torch import nn
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
-from . import huffman
+from . import (
+    huffman,
+    ops,  # noqa: F401  (registers babai::hptq_linear)
+)
 from .errors import BabaiError
-from .hptq import HPTQWeight
+from .hptq import HPTQWeight, compute_form
 from .tensor import (
     FLOAT_DTYPES,
     BabaiQuantizedTensor,
-    babai_linear,
     certificate_from_json,
     certificate_to_json,
 )
@@ -88,10 +92,31 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes_stored / (int(self.shape[0]) * int(self.shape[1]))
 
+    @property
+    def chunk(self) -> int:
+        return int(self.header[1])
+
+    @property
+    def max_len(self) -> int:
+        return int(self.header[2])
+
+    def codes(self) -> torch.Tensor:
+        """Signed codes [N, K] on the weight's device (Triton decode kernel on CUDA)."""
+        n, k = (int(s) for s in self.shape)
+        if self.bitstream.is_cuda:
+            from babai_ao.kernels.huffman import decode_table, huffman_decode
+
+            table = decode_table(self.symbols, self.lengths, self.max_len)
+            flat = huffman_decode(self.bitstream, self.offsets, table, n * k, self.chunk,
+                                  self.max_len)
+            return flat.reshape(n, k)
+        return self.hptq_weight().codes()
+
     def decode(self) -> BabaiQuantizedTensor:
         """The compute form: an 8-bit ``BabaiQuantizedTensor`` (CSR beyond int8)."""
-        args = self.hptq_weight().compute_form()
         device = self.bitstream.device
+        row_scales = self.scale.expand(int(self.shape[0])).reshape(-1, 1)
+        args = compute_form(self.codes(), row_scales)
         out = BabaiQuantizedTensor(
             args["packed"].to(device), args["scales"].to(device), args["zeros"].to(device),
             8, args["group_size"], tuple(self.shape), self.dtype,
@@ -120,7 +145,9 @@ def _(func, types, args, kwargs):
     bias = kwargs.get("bias", bias) if kwargs else bias
     if not isinstance(weight, HuffmanQuantizedTensor):
         raise BabaiError("a HuffmanQuantizedTensor can only be the weight of a linear")
-    return babai_linear(x, weight.decode(), bias)
+    return torch.ops.babai.hptq_linear(
+        x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
+        int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)
 
 
 def decode_model(model: nn.Module) -> int:

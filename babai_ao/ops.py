@@ -9,7 +9,9 @@ where ``q`` are b-bit codes packed per row (``babai_ao.packing``), ``z`` the gro
 packed flat (N·G codes at b bits), ``δ`` an optional sparse integer correction in CSR
 form (row pointers [N+1], column indices, integer deltas) — SSQR's outliers — and ``perm``
 an optional gather of the activation columns (``None``: identity). ``babai::dequantize``
-returns ``W`` itself (the pattern ``babai_ao.passes`` rewrites away). The implementations
+returns ``W`` itself (the pattern ``babai_ao.passes`` rewrites away).
+``babai::hptq_linear`` computes ``x @ (s·Q)ᵀ + bias`` from an HPTQ weight as stored — the
+canonical-Huffman stream of ``babai_ao.huffman`` — with ``s`` one scale or one per row. The implementations
 here are the references; importing this module registers the device kernels of
 ``babai_ao.kernels`` (Triton on CUDA, a vectorized unpack on CPU).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import huffman
 from .errors import BabaiError
 from .grid import SUPPORTED_BITS
 from .packing import packed_size, unpack
@@ -130,6 +133,51 @@ def _(packed, scales, zeros, bits, group_size, in_features, outlier_ptr=None,
       outlier_idx=None, outlier_val=None, dtype=torch.float32):
     check_packed(packed, scales, zeros, bits, group_size, in_features)
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+def check_hptq(x: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int,
+               max_len: int) -> None:
+    """Shape checks of ``babai::hptq_linear`` (compile-safe)."""
+    if x.shape[-1] != in_features:
+        raise BabaiError(f"x has {x.shape[-1]} features, the layer expects {in_features}")
+    if scale.numel() not in (1, out_features):
+        raise BabaiError(f"HPTQ scale must hold 1 or {out_features} values, got "
+                         f"{scale.numel()}: the checkpoint is corrupt")
+    if not 0 <= max_len <= huffman.MAX_LEN_LIMIT:
+        raise BabaiError(f"Huffman code length limit {max_len} is outside 0.."
+                         f"{huffman.MAX_LEN_LIMIT}: the stream header is corrupt")
+
+
+@torch.library.custom_op("babai::hptq_linear", mutates_args=())
+def hptq_linear(
+    x: torch.Tensor,
+    bitstream: torch.Tensor,
+    symbols: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    chunk: int,
+    max_len: int,
+) -> torch.Tensor:
+    """Reference: decode the stream (``huffman.decode``), then one float32 linear."""
+    check_hptq(x, scale, out_features, in_features, max_len)
+    header = torch.tensor([out_features * in_features, chunk, max_len], dtype=torch.int64)
+    stream = huffman.HuffmanStream(bitstream.cpu(), symbols.cpu(), lengths.cpu(),
+                                   offsets.cpu(), header)
+    q = huffman.decode(stream).reshape(out_features, in_features).to(x.device, torch.float32)
+    w = scale.to(torch.float32).reshape(-1, 1) * q
+    b = None if bias is None else bias.to(torch.float32)
+    return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)
+
+
+@hptq_linear.register_fake
+def _(x, bitstream, symbols, lengths, offsets, scale, bias, out_features, in_features, chunk,
+      max_len):
+    check_hptq(x, scale, out_features, in_features, max_len)
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 from babai_ao.kernels import register as _register  # noqa: E402,F401  (device kernels)

@@ -66,7 +66,7 @@ def split(codes: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, CSR]:
     vals = delta[rows, cols]
     n, k = codes.shape
     counts = torch.bincount(rows, minlength=n)
-    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=codes.device)
     ptr[1:] = torch.cumsum(counts, 0)
     if int(ptr[-1]) >= 2**31:
         raise BabaiError("more than 2^31 outliers: raise the scale multiplier")

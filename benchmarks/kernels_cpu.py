@@ -1,5 +1,7 @@
-"""Compiled SmolLM2 decode-step speed on CPU: packed 4-bit babai::linear vs fp32 / bf16
-(and torchao's CPU int4 path when it runs here), side by side in one process.
+"""Compiled SmolLM2 decode-step speed on CPU: 4-bit ``BabaiQuantizedTensor`` weights
+(``babai::linear``: exact fp32 dequant+mm path, and the int4pack path for bf16 activations)
+vs fp32 / bf16 and torchao's CPU int4 (``PrototypeInt4WeightOnlyConfig``, Int4OpaqueTensor),
+side by side in one process.
 
 Decode step = compiled forward of one token at batch 1 with no KV cache: the same weight
 traffic as a decode step (every linear reads its full weight), without attention over a
@@ -21,19 +23,24 @@ import torch
 
 
 def _variants(base, args):
-    from babai_ao.kernels.module import pack_linears
+    from torchao.quantization import quantize_
 
-    out = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
-    q = copy.deepcopy(base)
-    pack_linears(q, bits=4, group_size=args.group_size)
-    out[f"babai 4-bit g{args.group_size} (fp32 act)"] = q
+    from babai_ao import babai_config
+
+    def linears(m, name):
+        return isinstance(m, torch.nn.Linear) and "lm_head" not in name
+
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    out = {"fp32": base, "bf16": bf16}
+    for label, model in (("fp32 act, exact dequant+mm", base), ("bf16 act, int4pack", bf16)):
+        q = copy.deepcopy(model)  # no calibration: round-to-nearest on the same grid
+        quantize_(q, babai_config(bits=4, group_size=args.group_size), filter_fn=linears)
+        out[f"babai 4-bit g{args.group_size} ({label})"] = q
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-        t = copy.deepcopy(base).to(torch.bfloat16)
-        quantize_(t, Int4WeightOnlyConfig(group_size=args.group_size,
-                                          int4_packing_format="opaque"),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        t = copy.deepcopy(bf16)
+        quantize_(t, PrototypeInt4WeightOnlyConfig(group_size=args.group_size), filter_fn=linears)
         out[f"torchao int4 opaque g{args.group_size} (bf16 act)"] = t
     except Exception as e:  # reported, not fatal
         print(f"torchao int4 CPU path unavailable: {type(e).__name__}: {str(e)[:200]}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_int4
+
 ROW_CHUNK = 1024
 
 
@@ -42,24 +44,35 @@ def linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                in_features: int, outlier_ptr: torch.Tensor | None = None,
                outlier_idx: torch.Tensor | None = None, outlier_val: torch.Tensor | None = None,
                act_perm: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[..., perm] @ Wᵀ + bias``, computed in float32 (bf16/fp16 only at the ends)."""
+    """``x[..., perm] @ Wᵀ + bias``, computed in float32 (bf16/fp16 only at the ends), or
+    by the int4pack kernel for 4-bit layers and bf16 ``x`` (``cpu_int4.supported``)."""
     n, g = scales.shape
-    x2 = x.reshape(-1, in_features).to(torch.float32)
+    x2 = x.reshape(-1, in_features)
     if act_perm is not None:
         x2 = x2.index_select(1, act_perm)
-    z = unpack_rows(zeros.reshape(1, -1), bits, n * g).reshape(n, g)
-    out_t = torch.empty(n, x2.shape[0], dtype=torch.float32)  # rows of Wx, chunk-contiguous
-    for r0 in range(0, n, ROW_CHUNK):
-        r1 = min(n, r0 + ROW_CHUNK)
-        w = dequantize_rows(packed[r0:r1], scales[r0:r1], z[r0:r1], bits, group_size,
-                            in_features, torch.float32)
-        torch.mm(w, x2.t(), out=out_t[r0:r1])
-    out = out_t.t()
+
+    def zero_codes() -> torch.Tensor:
+        return unpack_rows(zeros.reshape(1, -1), bits, n * g).reshape(n, g)
+
+    if x2.shape[0] and cpu_int4.supported(x.dtype, bits, group_size, n):
+        weight, scale_zero = cpu_int4.layout(
+            packed, scales, zeros, lambda: unpack_rows(packed, bits, in_features), zero_codes)
+        out = cpu_int4.matmul(x2.contiguous(), weight, scale_zero, group_size).float()
+    else:
+        x2 = x2.to(torch.float32)
+        z = zero_codes()
+        out_t = torch.empty(n, x2.shape[0], dtype=torch.float32)  # rows of Wx, chunk-contiguous
+        for r0 in range(0, n, ROW_CHUNK):
+            r1 = min(n, r0 + ROW_CHUNK)
+            w = dequantize_rows(packed[r0:r1], scales[r0:r1], z[r0:r1], bits, group_size,
+                                in_features, torch.float32)
+            torch.mm(w, x2.t(), out=out_t[r0:r1])
+        out = out_t.t()
     if outlier_ptr is not None and outlier_idx.numel():
         rows = torch.repeat_interleave(torch.arange(n), outlier_ptr[1:] - outlier_ptr[:-1])
         cols = outlier_idx.to(torch.int64)
         delta = scales[rows, cols // group_size].to(torch.float32) * outlier_val.to(torch.float32)
-        out.index_add_(1, rows, x2[:, cols] * delta)
+        out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
     if bias is not None:
         out += bias.to(torch.float32)
     return out.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)

@@ -7,6 +7,8 @@
 * ``babai::linear`` on CUDA: the eager kernel calls ``linear_triton``; under the functional
   tracing that compile and AOT use, CUDA calls are rewritten to ``linear_triton`` so the
   Triton kernels become visible (export keeps ``babai::linear``, as ``triton_op`` does).
+* ``babai::hptq_linear_triton`` — the HPTQ linear decoding the Huffman stream inside the
+  matmul (``kernels/huffman.py``); ``babai::hptq_linear`` runs it on CUDA.
 * ``babai::linear`` on CPU: the vectorized unpack + ``mm`` of ``kernels/cpu.py``, opaque to
   compile (Inductor calls it as an extern kernel; no float weight in the graph).
 """
@@ -21,6 +23,7 @@ from babai_ao import ops
 
 from .cpu import linear_cpu
 from .dequant import launch_dequant
+from .huffman import decode_table, hptq_matmul
 from .matmul import DECODE_MAX_M, launch_dequant_matmul
 from .outliers import launch_outlier_matmul
 
@@ -79,6 +82,35 @@ def dequantize_triton(
         launch_dequant(packed, scales, zeros, bits, group_size, w, outlier_ptr, outlier_idx,
                        outlier_val)
     return w
+
+
+@triton_op("babai::hptq_linear_triton", mutates_args=())
+def hptq_linear_triton(
+    x: torch.Tensor,
+    bitstream: torch.Tensor,
+    symbols: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    chunk: int,
+    max_len: int,
+) -> torch.Tensor:
+    """Same contract as ``babai::hptq_linear``; the weight is never decoded to memory."""
+    ops.check_hptq(x, scale, out_features, in_features, max_len)
+    table = decode_table(symbols, lengths, max_len)
+    y = hptq_matmul(x.reshape(-1, in_features), bitstream, offsets, table, scale,
+                    out_features, chunk, max_len)
+    if bias is not None:
+        y += bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@ops.hptq_linear.register_kernel("cuda")
+def _hptq_linear_cuda(*args, **kwargs):
+    return torch.ops.babai.hptq_linear_triton(*args, **kwargs)
 
 
 @ops.linear.register_kernel("cuda")

@@ -17,6 +17,7 @@ import babai_ao.kernels  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from _kernels_util import random_layer, reference  # noqa: E402
+from babai_ao.kernels import cpu_int4  # noqa: E402
 from babai_ao.kernels.configs import INTERPRET  # noqa: E402
 from babai_ao.kernels.cpu import linear_cpu, unpack_rows  # noqa: E402
 
@@ -122,6 +123,72 @@ def test_babai_linear_on_cpu_dispatches_to_fast_path():
     ref = reference(x, layer, bias)
     assert out.dtype == BF16
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("gs,m,outliers,permute", [
+    (32, 1, False, False), (64, 5, True, True), (128, 17, True, False), (256, 2, False, True)])
+def test_cpu_int4pack_path_matches_reference(gs, m, outliers, permute):
+    """4-bit + bf16 activations on CPU run torch's int4pack kernel on the cached layout."""
+    n, k = 48, 512
+    layer = random_layer(4, gs, n, k, outliers, seed=gs + m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(BF16)
+    bias = torch.randn(n, generator=gen).to(BF16)
+    perm = torch.randperm(k, generator=gen) if permute else None
+    built = cpu_int4.stats["built"]
+    out = torch.ops.babai.linear(x, layer["packed"], layer["scales"], layer["zeros"], bias, 4,
+                                 gs, k, layer.get("outlier_ptr"), layer.get("outlier_idx"),
+                                 layer.get("outlier_val"), perm)
+    assert cpu_int4.stats["built"] == built + 1  # this call built (and used) the layout
+    ref = reference(x, layer, bias, perm)
+    assert out.dtype == BF16 and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=TOL[BF16] * float(ref.abs().max()))
+    hits = cpu_int4.stats["hits"]
+    again = linear_cpu(x, bias=bias, act_perm=perm, **layer)
+    assert cpu_int4.stats["hits"] == hits + 1 and torch.equal(again, out)
+
+
+def test_cpu_int4pack_layout_follows_in_place_writes():
+    """Overwriting a layer's codes in place (a checkpoint load) rebuilds the cached layout."""
+    layer = random_layer(4, 64, 32, 128, seed=7)
+    x = torch.randn(2, 128).to(BF16)
+    before = linear_cpu(x, bias=None, **layer)
+    other = random_layer(4, 64, 32, 128, seed=8)
+    layer["packed"].copy_(other["packed"])
+    layer["scales"].copy_(other["scales"])
+    layer["zeros"].copy_(other["zeros"])
+    after = linear_cpu(x, bias=None, **layer)
+    ref = reference(x, other)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after.float(), ref, rtol=0, atol=TOL[BF16] * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype,n,gs", [(F32, 32, 64), (BF16, 40, 64), (BF16, 32, 16)])
+def test_cpu_int4pack_not_taken_outside_its_domain(dtype, n, gs):
+    """fp32 activations stay exact (dequant + fp32 mm); N % 16 ≠ 0 or other groups fall back."""
+    layer = random_layer(4, gs, n, 128, seed=9)
+    x = torch.randn(3, 128).to(dtype)
+    built, hits = cpu_int4.stats["built"], cpu_int4.stats["hits"]
+    out = linear_cpu(x, bias=None, **layer)
+    assert (cpu_int4.stats["built"], cpu_int4.stats["hits"]) == (built, hits)
+    ref = reference(x, layer)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=TOL[dtype] * float(ref.abs().max()))
+
+
+def test_kernels_dir_is_inert_as_top_level_kernels():
+    """transformers probes for the PyPI ``kernels`` package by importing it; from a checkout
+    that finds our ``kernels/`` dir, which must not register the ops a second time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, kernels, babai_ao.kernels, torch\n"
+            "assert not hasattr(kernels, 'register'), 'top-level kernels ran its imports'\n"
+            "assert not any(m.startswith('kernels.') for m in sys.modules), sys.modules\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "assert not is_kernels_available()\n")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 
 def test_bad_inputs_name_the_fix():

@@ -221,7 +221,7 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
     """HPTQ (Huffman stream in safetensors) through transformers, loaded in a fresh process:
     the stream survives byte for byte and decodes to the same outputs."""
     from babai_ao import hf
-    from babai_ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
     from babai_ao.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=1)
@@ -241,9 +241,13 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
     assert fresh["streams"] == streams and fresh["decoded"] == 7
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    ids = torch.tensor([[1, 42, 314, 2718, 99]])
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([[1, 42, 314, 2718, 99]])).logits
+            stored = model(ids).logits  # babai::hptq_linear on the stream
+            decode_model(model)
+            logits = model(ids).logits  # the decoded 8-bit form, as in the fresh process
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stored, logits, rtol=0, atol=1e-3)
