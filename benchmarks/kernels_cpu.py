@@ -25,7 +25,7 @@ import torch
 def _variants(base, args):
     from torchao.quantization import quantize_
 
-    from babai_ao import babai_config
+    from babai_ao import babai_config, prepare_cpu_int4
 
     def linears(m, name):
         return isinstance(m, torch.nn.Linear) and "lm_head" not in name
@@ -36,6 +36,9 @@ def _variants(base, args):
         q = copy.deepcopy(model)  # no calibration: round-to-nearest on the same grid
         quantize_(q, babai_config(bits=4, group_size=args.group_size), filter_fn=linears)
         out[f"babai 4-bit g{args.group_size} ({label})"] = q
+    prepared = copy.deepcopy(q)
+    prepare_cpu_int4(prepared)
+    out[f"babai 4-bit g{args.group_size} (bf16 act, prepare_cpu_int4)"] = prepared
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 

@@ -175,6 +175,36 @@ def test_cpu_int4pack_not_taken_outside_its_domain(dtype, n, gs):
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=TOL[dtype] * float(ref.abs().max()))
 
 
+@pytest.mark.filterwarnings("ignore:babai_config without calibration")
+def test_prepare_cpu_int4_swaps_eligible_layers_and_matches():
+    """``prepare_cpu_int4``: eligible 4-bit linears become Int4PackLinear (same kernel, same
+    numbers as babai::linear's int4pack path); others keep the tensor subclass."""
+    from babai_ao.kernels.cpu_int4 import Int4PackLinear, prepare_cpu_int4
+    from torch._inductor.utils import run_and_get_code
+    from torchao.quantization import quantize_
+
+    from babai_ao import BabaiQuantizedTensor, babai_config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 40),
+                                torch.nn.Linear(40, 32, bias=False)).to(BF16)
+    quantize_(model[:2], babai_config(bits=4, group_size=32))  # N = 40: not eligible
+    quantize_(model[2:], babai_config(bits=3, group_size=8))  # 3 bit: not eligible
+    x = torch.randn(5, 128).to(BF16)
+    with torch.no_grad():
+        ref = model(x)
+        assert prepare_cpu_int4(model) == 1
+        assert isinstance(model[0], Int4PackLinear)
+        assert isinstance(model[1].weight, BabaiQuantizedTensor)
+        out = model(x)
+        compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(compiled.float(), ref.float(), rtol=0,
+                               atol=TOL[BF16] * float(ref.abs().max()))
+    text = "\n".join(code)
+    assert "_weight_int4pack_mm_for_cpu" in text and "babai.linear" in text
+
+
 def test_kernels_dir_is_inert_as_top_level_kernels():
     """transformers probes for the PyPI ``kernels`` package by importing it; from a checkout
     that finds our ``kernels/`` dir, which must not register the ops a second time."""
