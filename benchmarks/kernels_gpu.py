@@ -8,12 +8,18 @@ torchao's int4 weight-only path when it runs. GB/s counts the bytes the kernel m
 (codes + scales + zeros + x + outliers, + output written); the roofline is a device-to-device
 ``copy_`` of a 1 GiB buffer (bytes read + written).
 
-    python benchmarks/kernels_gpu.py [--group-size 128] [--all-bits] [--json out.json]
+With ``--hptq``: for the first three shapes, HPTQ weights (integer codes of a discrete
+Gaussian at ≈ 3.3 bits of entropy, canonical-Huffman-coded with ``--hptq-chunk``): the
+load-time decode kernel's throughput (GB/s of stream read, Gsymbols/s) and the matmul that
+decodes inside the kernel (``babai::hptq_linear_triton``) against bf16 ``torch.mm``.
+
+    python benchmarks/kernels_gpu.py [--group-size 128] [--all-bits] [--hptq] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -87,10 +93,49 @@ def torchao_int4(w: torch.Tensor, gs: int):
         return None
 
 
+def hptq_rows(chunk: int, bw: float) -> list[dict]:
+    """Decode throughput and in-matmul decode latency of HPTQ streams (first three shapes)."""
+    from babai_ao.kernels.huffman import decode_table, huffman_decode
+
+    from babai_ao import huffman
+
+    rows = []
+    for n, k in SHAPES[:3]:
+        codes = torch.round(torch.randn(n * k) * 2.0).to(torch.int32)  # H ≈ 3.1 bits
+        st = huffman.encode(codes, chunk=chunk)
+        dev = {f: getattr(st, f).cuda() for f in ("bitstream", "symbols", "lengths", "offsets")}
+        table = decode_table(dev["symbols"], dev["lengths"], st.max_len)
+        scale = torch.tensor([0.01], device="cuda", dtype=torch.float16)
+        out = huffman_decode(dev["bitstream"], dev["offsets"], table, n * k, chunk, st.max_len)
+        assert torch.equal(out.cpu(), codes), "decode kernel disagrees with the encoder"
+        t_dec = cuda_time(functools.partial(huffman_decode, dev["bitstream"], dev["offsets"],
+                                            table, n * k, chunk, st.max_len))
+        row = {"N": n, "K": k, "bits": 8 * st.nbytes / (n * k), "max_len": st.max_len,
+               "decode_us": t_dec * 1e6, "decode_stream_GBps": st.nbytes / t_dec / 1e9,
+               "decode_Gsym_s": n * k / t_dec / 1e9,
+               "decode_roofline": (st.nbytes + 4 * n * k) / t_dec / bw}
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        lin = functools.partial(torch.ops.babai.hptq_linear_triton, **dev, scale=scale,
+                                bias=None, out_features=n, in_features=k, chunk=chunk,
+                                max_len=st.max_len)
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = cuda_time(lambda x=x, w=w: torch.mm(x, w.t()))
+            t = cuda_time(lambda x=x, lin=lin: lin(x))
+            row[f"M{m}_bf16_us"], row[f"M{m}_hptq_us"] = t_bf16 * 1e6, t * 1e6
+            row[f"M{m}_speedup"] = t_bf16 / t
+        rows.append(row)
+        print(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                       for key, val in row.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--all-bits", action="store_true")
+    p.add_argument("--hptq", action="store_true", help="also HPTQ decode / in-matmul rows")
+    p.add_argument("--hptq-chunk", type=int, default=256)
     p.add_argument("--json")
     args = p.parse_args()
     import babai_ao.kernels  # noqa: F401  (registers babai::linear_triton)
@@ -124,10 +169,11 @@ def main() -> None:
             rows.append(row)
             print(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
                            for key, val in row.items()), flush=True)
+    hptq = hptq_rows(args.hptq_chunk, bw) if args.hptq else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       "torch": torch.__version__, "rows": rows, "hptq": hptq}, f, indent=1)
 
 
 if __name__ == "__main__":
