@@ -15,10 +15,12 @@ CPU the reference, which decodes on every call (run ``decode_model`` there befor
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from . import (
@@ -42,21 +44,24 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
 
     tensor_data_names = [*STREAM_NAMES, "scale"]
     tensor_attribute_names = ["shape", "dtype"]
-    optional_tensor_attribute_names = ["certificate_json"]
+    # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
+    optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
 
     def __new__(cls, bitstream, symbols, lengths, offsets, header, scale, shape, dtype,
-                certificate_json=None):
+                certificate_json=None, chunk=None, max_len=None):
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls, tuple(shape), dtype=dtype, device=bitstream.device, requires_grad=False)
 
     def __init__(self, bitstream: torch.Tensor, symbols: torch.Tensor, lengths: torch.Tensor,
                  offsets: torch.Tensor, header: torch.Tensor, scale: torch.Tensor, shape: Any,
-                 dtype: torch.dtype, certificate_json: str | None = None):
+                 dtype: torch.dtype, certificate_json: str | None = None,
+                 chunk: int | None = None, max_len: int | None = None):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or dtype not in FLOAT_DTYPES:
             raise BabaiError(f"an HPTQ weight is 2-D with a float dtype, got {shape}, {dtype}")
-        if tuple(header.shape) != (3,) or int(header[0]) != shape[0] * shape[1]:
+        concrete = not is_fake(header) and header.device.type != "meta"  # not under tracing
+        if tuple(header.shape) != (3,) or (concrete and int(header[0]) != shape[0] * shape[1]):
             raise BabaiError(f"the Huffman header does not describe a {shape[0]}×{shape[1]} "
                              "weight: the checkpoint belongs to another layer or is corrupt")
         if scale.numel() not in (1, shape[0]):
@@ -65,6 +70,13 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
         self.bitstream, self.symbols, self.lengths = bitstream, symbols, lengths
         self.offsets, self.header, self.scale = offsets, header, scale
         self.certificate_json = certificate_json
+        if concrete:
+            stored = (int(header[1]), int(header[2]))
+            if (chunk, max_len) not in ((None, None), stored):
+                raise BabaiError(f"chunk/max_len {chunk}/{max_len} disagree with the stream "
+                                 f"header {stored}: the checkpoint is corrupt")
+            chunk, max_len = stored
+        self.chunk, self.max_len = int(chunk), int(max_len)
 
     @classmethod
     def from_hptq(cls, hw: HPTQWeight, dtype: torch.dtype = torch.float32
@@ -92,14 +104,6 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes_stored / (int(self.shape[0]) * int(self.shape[1]))
 
-    @property
-    def chunk(self) -> int:
-        return int(self.header[1])
-
-    @property
-    def max_len(self) -> int:
-        return int(self.header[2])
-
     def codes(self) -> torch.Tensor:
         """Signed codes [N, K] on the weight's device (Triton decode kernel on CUDA)."""
         n, k = (int(s) for s in self.shape)
@@ -124,6 +128,15 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
               for n in ("outlier_ptr", "outlier_idx", "outlier_val")))
         out.certificate_json = self.certificate_json
         return out
+
+    def _stable_hash_for_caching(self) -> str:
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        parts = [type(self).__qualname__, tuple(self.shape), str(self.dtype), self.chunk,
+                 self.max_len]
+        for name in self.tensor_data_names:
+            t = getattr(self, name)
+            parts.append((name, tuple(t.shape), str(t.dtype), str(t.device)))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.hptq_weight().dequantize(torch.float32)

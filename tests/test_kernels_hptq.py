@@ -103,3 +103,38 @@ def test_hptq_linear_op_on_a_real_hptq_weight():
             op(torch.randn(1, 127), *args)
         with pytest.raises(BabaiError, match="scale"):
             op(x, *args[:4], torch.ones(3), *args[5:])
+
+
+@pytest.mark.model
+@pytest.mark.filterwarnings("ignore:babai_config without calibration")
+def test_compiled_smollm2_keeps_hptq_weights_entropy_coded(smollm2_small):
+    """torch.compile(fullgraph) of SmolLM2 blocks whose linears are HPTQ streams: the graph
+    calls babai::hptq_linear (the weight is never decoded into the graph), output = eager."""
+    import copy
+
+    from torch._inductor.utils import run_and_get_code
+    from torchao.quantization import quantize_
+
+    from babai_ao import babai_config
+
+    model = copy.deepcopy(smollm2_small[0])
+    quantize_(model, babai_config(clip="hptq", target_bits=3.3),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and fqn.startswith("model.layers."))
+    hq = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(hq, HuffmanQuantizedTensor) and hq.bits_per_weight < 3.4
+    ids = torch.tensor([[1, 42, 314, 2718, 99]])
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), ids)
+    text = "\n".join(code)
+    assert text.count("babai.hptq_linear") >= 14  # 7 linears × 2 blocks
+    torch.testing.assert_close(compiled.logits, eager, rtol=0, atol=1e-4)
+
+
+def test_corrupt_chunk_attributes_are_refused():
+    st = huffman.encode(_codes("laplace", 64, seed=2), chunk=16)
+    tensors = [st.bitstream, st.symbols, st.lengths, st.offsets, st.header, torch.ones(1)]
+    HuffmanQuantizedTensor(*tensors, (8, 8), torch.float32, None, 16, st.max_len)
+    with pytest.raises(BabaiError, match="corrupt"):
+        HuffmanQuantizedTensor(*tensors, (8, 8), torch.float32, None, 32, st.max_len)
