@@ -63,6 +63,52 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
     model.is_quantized = True
     model.quantization_method = quantization_config.quant_method
     model.save_pretrained(path, **kwargs)
+    for name in _tied_quantized_duplicates(model):
+        _drop_from_checkpoint(Path(path), name)
+
+
+def _tied_quantized_duplicates(model: nn.Module) -> list[str]:
+    """Tied parameter names (``lm_head.weight``) whose quantized weight is the same tensor as
+    their source: transformers drops tied duplicates by name, but torchao's flattening
+    renames them (``lm_head._weight_qdata``), so the table would be written twice."""
+    from .tensor import BabaiQuantizedTensor
+
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [dst for dst, src in (tied.items() if isinstance(tied, dict) else [])
+            if dst in params and params[dst] is params.get(src)
+            and isinstance(params[dst].detach(), BabaiQuantizedTensor)]
+
+
+def _drop_from_checkpoint(path: Path, name: str) -> None:
+    """Remove parameter ``name``'s flattened tensors and metadata from the saved files (it is
+    re-tied on load)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = name.rsplit(".", 1)[0] + "._" + name.rsplit(".", 1)[1] + "_"
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            keys = list(h.keys())  # noqa: SIM118
+            if not any(k.startswith(prefix) for k in keys):
+                continue
+            meta = dict(h.metadata() or {})
+            tensors = {k: h.get_tensor(k) for k in keys if not k.startswith(prefix)}
+        meta.pop(name, None)
+        if "tensor_names" in meta:
+            meta["tensor_names"] = json.dumps([n for n in json.loads(meta["tensor_names"])
+                                               if n != name])
+        save_file(tensors, f, metadata=meta)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items()
+                              if not k.startswith(prefix) and k != name}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def check_checkpoint_files(path: str | os.PathLike) -> list[Path]:

@@ -354,6 +354,18 @@ def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
+@implements(aten.equal.default)
+def _(func, types, args, kwargs):
+    """Same layout and the same stored tensors (what transformers checks for tied weights)."""
+    a, b = args[0], args[1]
+    if not (isinstance(a, BabaiQuantizedTensor) and isinstance(b, BabaiQuantizedTensor)):
+        return False
+    names_a, attrs_a = a.__tensor_flatten__()
+    names_b, attrs_b = b.__tensor_flatten__()
+    return (names_a == names_b and attrs_a == attrs_b and tuple(a.shape) == tuple(b.shape)
+            and all(torch.equal(getattr(a, n), getattr(b, n)) for n in names_a))
+
+
 @implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[:2]

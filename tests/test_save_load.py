@@ -251,3 +251,53 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
         torch.set_num_threads(threads)
     torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(stored, logits, rtol=0, atol=1e-3)
+
+
+EMBEDDING_FRESH_LOAD = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from babai_ao import hf
+    path = sys.argv[1]
+    model = hf.from_pretrained(path)
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 42, 314, 2718, 99]])).logits
+    torch.save({"logits": logits, "emb": type(emb).__name__, "tied": head is emb,
+                "qdata": emb.qdata}, path + "/fresh.pt")
+""")
+
+
+@pytest.mark.model
+def test_quantized_embedding_save_pretrained_fresh_process(tmp_path: Path) -> None:
+    """4-bit tied embedding/lm_head + 4-bit linears through transformers, fresh process: the
+    table comes back quantized, still tied to lm_head, stored once, same logits."""
+    from babai_ao import hf, quantize_embeddings_
+    from babai_ao.models import load_smollm2
+
+    model, _ = load_smollm2(num_layers=1)
+    cfg = babai_config(bits=4, group_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no Hessian: RTN
+        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+                  and fqn.startswith("model.layers."))
+    quantize_embeddings_(model, bits=4, group_size=64)
+    emb = model.model.embed_tokens.weight
+    assert isinstance(emb, BabaiQuantizedTensor) and model.lm_head.weight is emb
+    hf.save_pretrained(model, tmp_path, cfg)
+    files = list(tmp_path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    assert size < 1.2 * emb.nbytes_stored + 8 * 2**20, size  # not a float table, stored once
+    run = subprocess.run([sys.executable, "-c", EMBEDDING_FRESH_LOAD, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    assert fresh["emb"] == "BabaiQuantizedTensor" and fresh["tied"]
+    assert torch.equal(fresh["qdata"], emb.qdata)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 42, 314, 2718, 99]])).logits
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fresh["logits"], logits)
