@@ -12,8 +12,14 @@ For each decoder block ``b`` with inputs ``X_b`` (the outputs of blocks ``< b``)
   ``X_{b+1}`` (float), then all its linears are quantized: Hessians of the float model only,
   the same as torchao's observe/convert flow.
 
-Memory is one block's activations (inputs and outputs of all calibration windows). Hooks are
-always removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest
+Each stage forward reruns the block from its input, but a linear already quantized in this
+block is computed once per batch — in the first forward that reaches it — and its output is
+replayed in the later forwards (``_Replay``): its input there is the same tensor value, so
+the result is the same, and the block's linear FLOPs are spent once instead of once per
+stage. A replayed output that was modified in place is recomputed instead.
+
+Memory is one block's activations (inputs and outputs of all calibration windows, and the
+outputs of its quantized linears while the block is calibrated). Hooks are always removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest
 float.
 """
 
@@ -30,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import BabaiError
@@ -45,6 +52,72 @@ BLOCK_PATHS = ("model.layers", "model.decoder.layers", "gpt_neox.layers", "trans
 
 class _Stop(Exception):
     """Raised inside a hook to end a forward early."""
+
+
+REPLAY = True  # tests turn it off to compare against plain recomputation
+
+
+def _versions(out: Any) -> tuple[int, ...]:
+    """In-place-write counters of every tensor in a module output."""
+    return tuple(t._version for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+class _Replay:
+    """Outputs of a block's quantized linears, per calibration batch, replayed in the later
+    stage forwards of the same block (``batch`` is set by ``_collect`` before each batch)."""
+
+    def __init__(self) -> None:
+        self.batch = 0
+        self.outputs: dict[str, list[tuple[Any, tuple[int, ...]]]] = {}
+        self.patched: list[nn.Module] = []
+
+    def watch(self, linear: nn.Linear, name: str) -> None:
+        """From now on ``linear`` (quantized, called once per forward) records or replays."""
+        if REPLAY:
+            self._patch(linear, name)
+
+    def watch_modules(self, block: nn.Module, quantized: set[str]) -> None:
+        """Also replay whole submodules (an attention module, an MLP) once every linear in
+        them is quantized and watched: their output is then fixed too, and replaying it skips
+        the non-linear work (attention) as well."""
+        if not REPLAY:
+            return
+        done: list[str] = []
+        for name, module in block.named_modules():
+            if not name or isinstance(module, nn.Linear) or name in self.outputs:
+                continue
+            if any(name.startswith(d + ".") for d in done):
+                continue
+            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if linears and all(f"{name}.{n}" in quantized for n in linears):
+                self._patch(module, name)
+                done.append(name)
+
+    def _patch(self, module: nn.Module, name: str) -> None:
+        compute = module.forward
+        seen = self.outputs.setdefault(name, [])
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.batch < len(seen):
+                out, versions = seen[self.batch]
+                if versions == _versions(out):  # untouched since recorded
+                    return out
+            out = compute(*args, **kwargs)
+            entry = (out, _versions(out))
+            if self.batch < len(seen):
+                seen[self.batch] = entry
+            else:
+                seen.append(entry)  # batches run in order: this is batch len(seen)
+            return out
+
+        module.forward = forward
+        self.patched.append(module)
+
+    def close(self) -> None:
+        for linear in self.patched:
+            del linear.forward  # back to the class's forward
+        self.patched.clear()
+        self.outputs.clear()
 
 
 @dataclass
@@ -241,7 +314,8 @@ def _stages(block: nn.Module, inp: tuple[torch.Tensor, tuple, dict]
 
 
 def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
-             stages: Sequence[list[str]], stop: bool, keep_outputs: bool
+             stages: Sequence[list[str]], stop: bool, keep_outputs: bool,
+             replay: _Replay | None = None
              ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
     """Run the block on every batch, accumulating ``H`` of each stage's input.
 
@@ -265,7 +339,9 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     outputs: list[torch.Tensor] = []
     try:
         with torch.no_grad():
-            for inp in inputs:
+            for i, inp in enumerate(inputs):
+                if replay is not None:
+                    replay.batch = i
                 out = _run(block, inp)
                 if keep_outputs and out is not None:
                     outputs.append(out)
@@ -415,15 +491,25 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                     report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
                                                   config)
             else:
-                for stage in stages:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{prefix}.{stage[0]}")
-                    accs, _ = _collect(block, inputs, [stage], stop=stage[0] not in repeated,
-                                       keep_outputs=False)
-                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
-                                                  config)
-                outputs = [] if last else _collect(block, inputs, [], stop=False,
-                                                   keep_outputs=True)[1]
+                replay = _Replay()
+                modules = dict(block.named_modules())
+                try:
+                    for stage in stages:
+                        if bar is not None:
+                            bar.set_postfix_str(f"{prefix}.{stage[0]}")
+                        accs, _ = _collect(block, inputs, [stage],
+                                           stop=stage[0] not in repeated, keep_outputs=False,
+                                           replay=replay)
+                        report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]],
+                                                      qkwargs, config)
+                        for name in stage:
+                            if name not in repeated:
+                                replay.watch(modules[name], name)
+                        replay.watch_modules(block, set(replay.outputs))
+                    outputs = [] if last else _collect(block, inputs, [], stop=False,
+                                                       keep_outputs=True, replay=replay)[1]
+                finally:
+                    replay.close()
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
     finally:
         if bar is not None:

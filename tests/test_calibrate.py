@@ -199,3 +199,57 @@ def test_errors(smollm2_small, calibration_small):
         quantize_model(model, cfg(), [])
     with pytest.raises(BabaiError, match="group_size"):
         quantize_model(model, cfg(group_size=100), calibration_small, progress=False)
+
+
+def test_replay_gives_the_same_model(smollm2_small, calibration_small, sequential, monkeypatch):
+    """Replaying quantized linears' and attention/MLP outputs across stage forwards changes
+    nothing: the same codes as recomputing every forward in full."""
+    from babai_ao import calibrate
+
+    monkeypatch.setattr(calibrate, "REPLAY", False)
+    model = copy.deepcopy(smollm2_small[0])
+    report = quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    replayed, replayed_report = sequential
+    ref = linears(model)
+    for name, lin in linears(replayed).items():
+        assert torch.equal(lin.weight.qdata, ref[name].weight.qdata), name
+    assert [r.error for r in report.rows] == [r.error for r in replayed_report.rows]
+
+
+def test_replay_recomputes_an_output_changed_in_place():
+    """A replayed output is reused only while untouched; after an in-place write downstream
+    the linear is computed again, so every forward still sees the true value."""
+    from babai_ao.calibrate import _Replay
+
+    class Counting(nn.Linear):
+        computed = 0
+
+        def forward(self, x):
+            Counting.computed += 1
+            return super().forward(x)
+
+    class Toy(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.a, self.b, self.inplace = Counting(4, 4), nn.Linear(4, 4), inplace
+
+        def forward(self, x):
+            y = self.a(x)
+            if self.inplace:
+                y.mul_(2)  # downstream in-place use: the recorded output is now stale
+            return self.b(y)
+
+    for inplace, computed in ((False, 1), (True, 3)):
+        torch.manual_seed(0)
+        toy, x = Toy(inplace), torch.randn(3, 4)
+        with torch.no_grad():
+            ref = toy(x)
+            replay = _Replay()
+            replay.watch(toy.a, "a")
+            Counting.computed = 0
+            outs = [toy(x) for _ in range(3)]
+            replay.close()
+        assert Counting.computed == computed
+        assert not replay.outputs and "forward" not in vars(toy.a)  # closed: class forward
+        for out in outs:
+            torch.testing.assert_close(out, ref)
