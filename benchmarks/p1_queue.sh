@@ -32,6 +32,7 @@ formats hptq@3.297 babai3 hptq@2.3 babai2 hrtn@3.297
 row babai-w4g64-minpivot-seq --method babai --bits 4 --order min-pivot --mode sequential
 row babai-w4g64-act-seq-refine2 --method babai --bits 4 --order act --mode sequential --refine 2
 row babai-w3g64-act-seq-refine2 --method babai --bits 3 --order act --mode sequential --refine 2
+row babai-w4g64-act-seq-replay --method babai --bits 4 --order act --mode sequential  # same codes as act-seq; quantize time with the calibration replay
 formats hrtn@2.3 ssqr3@3.4 hptq@4.3
 row babai-w3g64-minpivot-seq --method babai --bits 3 --order min-pivot --mode sequential
 row babai-w4g64-natural-seq  --method babai --bits 4 --order natural --mode sequential
