@@ -9,6 +9,10 @@ cache (negligible for 135M at short context). Variants are timed in interleaved 
 the median per variant is reported, because the CPU is shared.
 
     .venv/bin/python benchmarks/kernels_cpu.py [--layers 30] [--rounds 5] [--steps 10]
+    .venv/bin/python benchmarks/kernels_cpu.py --generate 32 --rounds 3   # real decoding
+
+``--generate N``: each variant decodes N tokens greedily from BOS through a compiled
+static-KV-cache step (``babai_ao.export.llm.static_cache_module``), timed per token.
 """
 
 from __future__ import annotations
@@ -50,12 +54,37 @@ def _variants(base, args):
     return out
 
 
+def _step(fn, ids: torch.Tensor, steps: int):
+    def run() -> None:
+        for _ in range(steps):
+            fn(ids)
+    return run
+
+
+def _generation(model: torch.nn.Module, tokens: int):
+    """Greedy decode of ``tokens`` tokens from BOS through a compiled static-cache step."""
+    from babai_ao.export.llm import static_cache_module
+
+    step = torch.compile(static_cache_module(model, tokens))
+
+    def run() -> list[int]:
+        out, tok = [], 1
+        for pos in range(tokens):
+            logits = step(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+        return out
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--generate", type=int, default=0,
+                   help="time greedy decoding of N tokens with a static KV cache instead")
     args = p.parse_args()
     from babai_ao.models import load_smollm2
 
@@ -66,22 +95,26 @@ def main() -> None:
     with torch.no_grad():
         for name, m in models.items():
             t0 = time.perf_counter()
-            fns[name] = torch.compile(m, fullgraph=True)
             try:
-                fns[name](ids)
-                fns[name](ids)
+                fns[name] = (_generation(m, args.generate) if args.generate else
+                             _step(torch.compile(m, fullgraph=True), ids, args.steps))
+                fns[name]()
+                fns[name]()
             except Exception as e:
                 print(f"{name}: compile/run failed: {type(e).__name__}: {str(e)[:200]}")
-                del fns[name], times[name]
+                fns.pop(name, None)
+                del times[name]
                 continue
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        steps = args.generate or args.steps
         for _ in range(args.rounds):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    fn(ids)
-                times[name].append((time.perf_counter() - t0) / args.steps)
-    print(f"\nSmolLM2-135M, {args.layers} layers, batch 1, 1 token/step, torch "
+                fn()
+                times[name].append((time.perf_counter() - t0) / steps)
+    unit = (f"greedy decode of {args.generate} tokens with a static KV cache" if args.generate
+            else "1 token/step, no KV cache")
+    print(f"\nSmolLM2-135M, {args.layers} layers, batch 1, {unit}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     ref = statistics.median(times["fp32"])
     print("| variant | ms/step (median) | tokens/s | vs fp32 |")
