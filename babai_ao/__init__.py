@@ -31,7 +31,7 @@ _LAZY = {
     "quantize_embeddings_": "embedding",
     "babai_embedding_config": "embedding",
     "BabaiEmbeddingConfig": "embedding",
-    "prepare_cpu_int4": "kernels.cpu_int4",
+    "prepare_cpu": "kernels.prepare",
 }
 
 

@@ -29,7 +29,7 @@ import torch
 def _variants(base, args):
     from torchao.quantization import quantize_
 
-    from babai_ao import babai_config, prepare_cpu_int4
+    from babai_ao import babai_config, prepare_cpu
 
     def linears(m, name):
         return isinstance(m, torch.nn.Linear) and "lm_head" not in name
@@ -41,8 +41,12 @@ def _variants(base, args):
         quantize_(q, babai_config(bits=4, group_size=args.group_size), filter_fn=linears)
         out[f"babai 4-bit g{args.group_size} ({label})"] = q
     prepared = copy.deepcopy(q)
-    prepare_cpu_int4(prepared)
-    out[f"babai 4-bit g{args.group_size} (bf16 act, prepare_cpu_int4)"] = prepared
+    prepare_cpu(prepared)
+    out[f"babai 4-bit g{args.group_size} (bf16 act, prepare_cpu)"] = prepared
+    hptq = copy.deepcopy(bf16)  # HRTN (no calibration) at 3.3 bits, decoded to int8 rows
+    quantize_(hptq, babai_config(clip="hptq", target_bits=3.3), filter_fn=linears)
+    prepare_cpu(hptq)
+    out["babai HPTQ 3.3 bits (bf16 act, prepare_cpu: int8 rows)"] = hptq
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 

@@ -13,11 +13,10 @@ entries; the tensors' version counters, so an in-place ``copy_`` rebuilds it). T
 holds ≈ 4.5 extra bits per weight; ``clear_cache()`` drops it, ``BABAI_CPU_INT4PACK=0``
 turns the path off.
 
-``prepare_cpu_int4(model)`` goes one step further for CPU inference: every eligible 4-bit
-linear becomes an ``Int4PackLinear`` holding only the layout, whose forward is the aten
-call itself — no custom-op round trip per layer (~40 µs each, measured), so a compiled
-graph calls the int4pack kernel directly. It computes in bf16 (fp32 inputs are cast) and
-is a load-time step, like ``decode_model``: save the model before it, not after.
+``babai_ao.prepare_cpu(model)`` (``kernels/prepare.py``) goes one step further for CPU
+inference: every eligible 4-bit linear becomes an ``Int4PackLinear`` holding only the
+layout, whose forward is the aten call itself — no custom-op round trip per layer (~40 µs
+each, measured), so a compiled graph calls the int4pack kernel directly.
 """
 
 from __future__ import annotations
@@ -89,6 +88,17 @@ def clear_cache() -> None:
 class Int4PackLinear(nn.Module):
     """``y = x @ Wᵀ + b`` from the int4pack layout alone, computed in bf16."""
 
+    @classmethod
+    def eligible(cls, w) -> bool:
+        """A 4-bit ``BabaiQuantizedTensor`` the int4pack kernel can hold."""
+        return (w.bits == 4 and w.group_size in GROUP_SIZES and w.out_features % 16 == 0
+                and w.outlier_ptr is None)
+
+    @classmethod
+    def from_weight(cls, w, bias: torch.Tensor | None) -> Int4PackLinear:
+        weight, scale_zero = build_layout(w.codes(), w.scale, w.zero_points())
+        return cls(weight, scale_zero, bias, w.group_size, w.in_features)
+
     def __init__(self, weight: torch.Tensor, scale_zero: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int, in_features: int):
         super().__init__()
@@ -108,26 +118,3 @@ class Int4PackLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, int4pack (bf16 compute)")
-
-
-def prepare_cpu_int4(model: nn.Module) -> int:
-    """Swap every CPU ``nn.Linear`` whose weight is a 4-bit ``BabaiQuantizedTensor`` (no
-    outliers, groups of 32/64/128/256, ``N % 16 == 0``) for an ``Int4PackLinear``.
-
-    Returns the number of layers swapped; the others keep ``babai::linear``.
-    """
-    from babai_ao.tensor import BabaiQuantizedTensor  # needs torchao: imported on use
-
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            w = child.weight.detach() if isinstance(child, nn.Linear) else None
-            if not (isinstance(w, BabaiQuantizedTensor) and w.bits == 4 and not w.transposed
-                    and w.outlier_ptr is None and w.device.type == "cpu"
-                    and w.group_size in GROUP_SIZES and w.out_features % 16 == 0):
-                continue
-            weight, scale_zero = build_layout(w.codes(), w.scale, w.zero_points())
-            setattr(parent, name, Int4PackLinear(weight, scale_zero, child.bias, w.group_size,
-                                                 w.in_features))
-            count += 1
-    return count

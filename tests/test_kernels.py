@@ -176,14 +176,14 @@ def test_cpu_int4pack_not_taken_outside_its_domain(dtype, n, gs):
 
 
 @pytest.mark.filterwarnings("ignore:babai_config without calibration")
-def test_prepare_cpu_int4_swaps_eligible_layers_and_matches():
-    """``prepare_cpu_int4``: eligible 4-bit linears become Int4PackLinear (same kernel, same
+def test_prepare_cpu_swaps_eligible_4bit_layers_and_matches():
+    """``prepare_cpu``: eligible 4-bit linears become Int4PackLinear (same kernel, same
     numbers as babai::linear's int4pack path); others keep the tensor subclass."""
-    from babai_ao.kernels.cpu_int4 import Int4PackLinear, prepare_cpu_int4
+    from babai_ao.kernels.cpu_int4 import Int4PackLinear
     from torch._inductor.utils import run_and_get_code
     from torchao.quantization import quantize_
 
-    from babai_ao import BabaiQuantizedTensor, babai_config
+    from babai_ao import BabaiQuantizedTensor, babai_config, prepare_cpu
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 40),
@@ -193,7 +193,7 @@ def test_prepare_cpu_int4_swaps_eligible_layers_and_matches():
     x = torch.randn(5, 128).to(BF16)
     with torch.no_grad():
         ref = model(x)
-        assert prepare_cpu_int4(model) == 1
+        assert prepare_cpu(model) == {"Int4PackLinear": 1, "Int8PackLinear": 0}
         assert isinstance(model[0], Int4PackLinear)
         assert isinstance(model[1].weight, BabaiQuantizedTensor)
         out = model(x)
@@ -203,6 +203,34 @@ def test_prepare_cpu_int4_swaps_eligible_layers_and_matches():
                                atol=TOL[BF16] * float(ref.abs().max()))
     text = "\n".join(code)
     assert "_weight_int4pack_mm_for_cpu" in text and "babai.linear" in text
+
+
+@pytest.mark.filterwarnings("ignore:babai_config without calibration")
+def test_prepare_cpu_runs_hptq_layers_on_the_int8_kernel():
+    """HPTQ weights (stored Huffman form) → decoded → Int8PackLinear: ``x @ (s·(q − 128))ᵀ``
+    with int8 ``q − 128``; matches the dequantized float weight at bf16 precision."""
+    from babai_ao.kernels.cpu_int8 import Int8PackLinear
+    from torchao.quantization import quantize_
+
+    from babai_ao import babai_config, prepare_cpu
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Linear(64, 48))
+    quantize_(model, babai_config(clip="hptq", target_bits=3.3))
+    w = [m.weight.dequantize() for m in model]
+    x = torch.randn(3, 96)
+    ref = torch.nn.functional.linear(torch.nn.functional.linear(x, w[0], model[0].bias),
+                                     w[1], model[1].bias)
+    assert prepare_cpu(model) == {"Int4PackLinear": 0, "Int8PackLinear": 2}
+    assert all(isinstance(m, Int8PackLinear) for m in model)
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.no_grad():
+        out = model(x)
+        compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    assert out.dtype == F32 and "_weight_int8pack_mm" in "\n".join(code)
+    for y in (out, compiled):
+        torch.testing.assert_close(y, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
 
 
 def test_kernels_dir_is_inert_as_top_level_kernels():

@@ -1,0 +1,44 @@
+"""``prepare_cpu(model)``: hand each eligible quantized linear to a torch CPU kernel.
+
+For CPU inference in bf16, after loading: 4-bit layers become ``Int4PackLinear``
+(``_weight_int4pack_mm_for_cpu``), 8-bit one-group-per-row layers — HPTQ's decoded form —
+``Int8PackLinear`` (``_weight_int8pack_mm``); HPTQ weights still in their stored (Huffman)
+form are decoded first. Each new module's forward is the aten call itself, so a compiled
+graph calls the kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
+are cast) and hold only the kernel's layout: save the model before preparing, not after.
+Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep
+``babai::linear``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .cpu_int4 import Int4PackLinear
+from .cpu_int8 import Int8PackLinear
+
+KERNELS = (Int4PackLinear, Int8PackLinear)
+
+
+def prepare_cpu(model: nn.Module) -> dict[str, int]:
+    """Swap eligible linears in place; returns how many became each kernel module."""
+    from babai_ao.hptq_tensor import HuffmanQuantizedTensor  # needs torchao: on use
+    from babai_ao.tensor import BabaiQuantizedTensor
+
+    counts = {k.__name__: 0 for k in KERNELS}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            w = child.weight.detach()
+            if isinstance(w, HuffmanQuantizedTensor) and w.device.type == "cpu":
+                w = w.decode()
+            if not (isinstance(w, BabaiQuantizedTensor) and not w.transposed
+                    and w.device.type == "cpu"):
+                continue
+            for kernel in KERNELS:
+                if kernel.eligible(w):
+                    setattr(parent, name, kernel.from_weight(w, child.bias))
+                    counts[kernel.__name__] += 1
+                    break
+    return counts
