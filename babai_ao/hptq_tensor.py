@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from . import (
@@ -161,6 +162,21 @@ def _(func, types, args, kwargs):
     return torch.ops.babai.hptq_linear(
         x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
         int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)
+
+
+@implements(torch.ops.aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """``.to(device, dtype)``: moves the stream; the dtype is the compute dtype (the codes and
+    scale stay as stored)."""
+    self = args[0]
+    kw = self._get_to_kwargs(*args[1:], **kwargs)
+    if kw["dtype"] not in FLOAT_DTYPES:
+        raise BabaiError(f"cannot cast an HPTQ weight to {kw['dtype']}: dequantize() first")
+    moved = [getattr(self, n).to(kw["device"], non_blocking=kw["non_blocking"])
+             for n in self.tensor_data_names]
+    new = HuffmanQuantizedTensor(*moved, tuple(self.shape), kw["dtype"], self.certificate_json,
+                                 self.chunk, self.max_len)
+    return return_and_correct_aliasing(func, args, kwargs, new)
 
 
 def decode_model(model: nn.Module) -> int:

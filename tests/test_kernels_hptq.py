@@ -138,3 +138,18 @@ def test_corrupt_chunk_attributes_are_refused():
     HuffmanQuantizedTensor(*tensors, (8, 8), torch.float32, None, 16, st.max_len)
     with pytest.raises(BabaiError, match="corrupt"):
         HuffmanQuantizedTensor(*tensors, (8, 8), torch.float32, None, 32, st.max_len)
+
+
+def test_to_dtype_keeps_the_stream_and_changes_the_compute_dtype():
+    w, h = random_problem(32, 64, seed=6)
+    hq = HuffmanQuantizedTensor.from_hptq(hptq.quantize(w, h, 3.3))
+    low = hq.to(torch.bfloat16)
+    assert isinstance(low, HuffmanQuantizedTensor) and low.dtype == torch.bfloat16
+    assert torch.equal(low.bitstream, hq.bitstream) and low.chunk == hq.chunk
+    x = torch.randn(2, 64)
+    out = torch.nn.functional.linear(x.bfloat16(), low)
+    assert out.dtype == torch.bfloat16
+    ref = x.bfloat16().float() @ hq.dequantize().t()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2 * float(ref.abs().max()))
+    with pytest.raises(BabaiError, match="dequantize"):
+        hq.to(torch.int8)
