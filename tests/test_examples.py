@@ -40,7 +40,7 @@ def test_examples_present():
     names = [p.name for p in EXAMPLES]
     assert names == ["01_quantize_plain_pytorch.py", "02_sequential_calibration.py",
                      "03_compile_inference.py", "04_export_executorch.py",
-                     "05_export_onnx.py", "06_load_checkpoint.py"]
+                     "05_export_onnx.py", "06_load_checkpoint.py", "07_cpu_inference.py"]
 
 
 @pytest.mark.model
