@@ -18,9 +18,9 @@ replayed in the later forwards (``_Replay``): its input there is the same tensor
 the result is the same, and the block's linear FLOPs are spent once instead of once per
 stage. A replayed output that was modified in place is recomputed instead.
 
-Memory is one block's activations (inputs and outputs of all calibration windows, and the
-outputs of its quantized linears while the block is calibrated). Hooks are always removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest
-float.
+Memory is one block's activations: inputs and outputs of all calibration windows, and up to
+``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated. Hooks are always
+removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ class _Stop(Exception):
 
 
 REPLAY = True  # tests turn it off to compare against plain recomputation
+REPLAY_BUDGET = 2 * 2**30  # bytes of recorded outputs per block (SmolLM2 at P1: ~1.1 GB)
+
+
+def _nbytes(out: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out)
+               if isinstance(t, torch.Tensor))
 
 
 def _versions(out: Any) -> tuple[int, ...]:
@@ -64,60 +70,70 @@ def _versions(out: Any) -> tuple[int, ...]:
 
 class _Replay:
     """Outputs of a block's quantized linears, per calibration batch, replayed in the later
-    stage forwards of the same block (``batch`` is set by ``_collect`` before each batch)."""
+    stage forwards of the same block (``batch`` is set by ``_collect`` before each batch).
+
+    Recordings stop at ``REPLAY_BUDGET`` bytes (the rest is recomputed, as without replay),
+    and a linear's recordings are dropped once the module around it is replayed whole.
+    """
 
     def __init__(self) -> None:
         self.batch = 0
-        self.outputs: dict[str, list[tuple[Any, tuple[int, ...]]]] = {}
+        self.outputs: dict[str, dict[int, tuple[Any, tuple[int, ...]]]] = {}
+        self.watched: set[str] = set()
         self.patched: list[nn.Module] = []
+        self.nbytes = 0
 
     def watch(self, linear: nn.Linear, name: str) -> None:
         """From now on ``linear`` (quantized, called once per forward) records or replays."""
         if REPLAY:
             self._patch(linear, name)
 
-    def watch_modules(self, block: nn.Module, quantized: set[str]) -> None:
+    def watch_modules(self, block: nn.Module) -> None:
         """Also replay whole submodules (an attention module, an MLP) once every linear in
         them is quantized and watched: their output is then fixed too, and replaying it skips
         the non-linear work (attention) as well."""
         if not REPLAY:
             return
-        done: list[str] = []
         for name, module in block.named_modules():
-            if not name or isinstance(module, nn.Linear) or name in self.outputs:
+            if (not name or isinstance(module, nn.Linear) or name in self.watched
+                    or any(name.startswith(w + ".") for w in self.watched)):
                 continue
-            if any(name.startswith(d + ".") for d in done):
-                continue
-            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-            if linears and all(f"{name}.{n}" in quantized for n in linears):
+            inner = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if inner and all(n in self.watched for n in inner):
                 self._patch(module, name)
-                done.append(name)
+                for n in inner:  # replayed whole from now on: their recordings are unused
+                    self.nbytes -= sum(_nbytes(out) for out, _ in self.outputs[n].values())
+                    self.outputs[n].clear()
 
     def _patch(self, module: nn.Module, name: str) -> None:
         compute = module.forward
-        seen = self.outputs.setdefault(name, [])
+        seen = self.outputs.setdefault(name, {})
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.batch < len(seen):
-                out, versions = seen[self.batch]
-                if versions == _versions(out):  # untouched since recorded
-                    return out
+            recorded = seen.get(self.batch)
+            if recorded is not None and recorded[1] == _versions(recorded[0]):
+                return recorded[0]  # untouched since recorded
             out = compute(*args, **kwargs)
-            entry = (out, _versions(out))
-            if self.batch < len(seen):
-                seen[self.batch] = entry
-            else:
-                seen.append(entry)  # batches run in order: this is batch len(seen)
+            size = _nbytes(out)
+            if recorded is not None:
+                self.nbytes -= _nbytes(recorded[0])
+                del seen[self.batch]
+            if self.nbytes + size <= REPLAY_BUDGET:
+                seen[self.batch] = (out, _versions(out))
+                self.nbytes += size
             return out
 
         module.forward = forward
         self.patched.append(module)
+        self.watched.add(name)
 
     def close(self) -> None:
-        for linear in self.patched:
-            del linear.forward  # back to the class's forward
+        for module in self.patched:
+            del module.forward  # back to the class's forward
         self.patched.clear()
         self.outputs.clear()
+        self.watched.clear()
+        self.nbytes = 0
 
 
 @dataclass
@@ -505,7 +521,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                         for name in stage:
                             if name not in repeated:
                                 replay.watch(modules[name], name)
-                        replay.watch_modules(block, set(replay.outputs))
+                        replay.watch_modules(block)
                     outputs = [] if last else _collect(block, inputs, [], stop=False,
                                                        keep_outputs=True, replay=replay)[1]
                 finally:

@@ -206,19 +206,25 @@ def test_replay_gives_the_same_model(smollm2_small, calibration_small, sequentia
     nothing: the same codes as recomputing every forward in full."""
     from babai_ao import calibrate
 
+    replayed, replayed_report = sequential
+    monkeypatch.setattr(calibrate, "REPLAY_BUDGET", 2**20)  # 1 MiB: most outputs recomputed
+    capped = copy.deepcopy(smollm2_small[0])
+    quantize_model(capped, cfg(), calibration_small, batch_size=BATCH, progress=False)
     monkeypatch.setattr(calibrate, "REPLAY", False)
     model = copy.deepcopy(smollm2_small[0])
     report = quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
-    replayed, replayed_report = sequential
     ref = linears(model)
-    for name, lin in linears(replayed).items():
-        assert torch.equal(lin.weight.qdata, ref[name].weight.qdata), name
+    for other in (replayed, capped):
+        for name, lin in linears(other).items():
+            assert torch.equal(lin.weight.qdata, ref[name].weight.qdata), name
     assert [r.error for r in report.rows] == [r.error for r in replayed_report.rows]
 
 
-def test_replay_recomputes_an_output_changed_in_place():
+def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
     """A replayed output is reused only while untouched; after an in-place write downstream
-    the linear is computed again, so every forward still sees the true value."""
+    (or with no budget to record) the linear is computed again: every forward sees the true
+    value."""
+    from babai_ao import calibrate
     from babai_ao.calibrate import _Replay
 
     class Counting(nn.Linear):
@@ -239,17 +245,19 @@ def test_replay_recomputes_an_output_changed_in_place():
                 y.mul_(2)  # downstream in-place use: the recorded output is now stale
             return self.b(y)
 
-    for inplace, computed in ((False, 1), (True, 3)):
+    for inplace, computed, budget in ((False, 1, 2**30), (True, 3, 2**30), (False, 3, 0)):
         torch.manual_seed(0)
         toy, x = Toy(inplace), torch.randn(3, 4)
         with torch.no_grad():
             ref = toy(x)
             replay = _Replay()
+            monkeypatch.setattr(calibrate, "REPLAY_BUDGET", budget)  # 0: nothing recorded
             replay.watch(toy.a, "a")
             Counting.computed = 0
             outs = [toy(x) for _ in range(3)]
             replay.close()
         assert Counting.computed == computed
-        assert not replay.outputs and "forward" not in vars(toy.a)  # closed: class forward
+        assert not replay.outputs and replay.nbytes == 0
+        assert "forward" not in vars(toy.a)  # closed: the class's forward again
         for out in outs:
             torch.testing.assert_close(out, ref)
