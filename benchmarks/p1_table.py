@@ -44,7 +44,8 @@ def label(r: dict[str, Any]) -> str:
         return f"RTN w{r['bits']}g{r['group_size']}"
     clip = "" if r.get("clip", True) else " no-clip"
     refine = f" + refine {r['refine']}" if r.get("refine") else ""
-    return f"babai w{r['bits']}g{r['group_size']} {r['order']} {r['mode']}{clip}{refine}"
+    note = f" ({r['label_note']})" if r.get("label_note") else ""
+    return f"babai w{r['bits']}g{r['group_size']} {r['order']} {r['mode']}{clip}{refine}{note}"
 
 
 def fmt_s(x: float | None) -> str:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         bits_vs_perplexity([*quantized, *peers], args.plots / "p1_bits_vs_ppl.png", flt)
         for r in quantized:
             if r.get("method") == "babai":
-                name = label(r).replace(" ", "_")
+                name = re.sub(r"[^A-Za-z0-9+.-]+", "_", label(r)).strip("_")
                 error_vs_bound(r, args.plots / f"p1_error_vs_bound_{name}.png")
 
 
