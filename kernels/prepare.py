@@ -12,6 +12,9 @@ Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import nn
 
 from .cpu_int4 import Int4PackLinear
@@ -26,6 +29,7 @@ def prepare_cpu(model: nn.Module) -> dict[str, int]:
     from babai_ao.tensor import BabaiQuantizedTensor
 
     counts = {k.__name__: 0 for k in KERNELS}
+    wider = False
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -40,5 +44,11 @@ def prepare_cpu(model: nn.Module) -> dict[str, int]:
                 if kernel.eligible(w):
                     setattr(parent, name, kernel.from_weight(w, child.bias))
                     counts[kernel.__name__] += 1
+                    wider |= w.dtype != torch.bfloat16
                     break
+    if wider:
+        warnings.warn("prepare_cpu: the swapped layers compute in bfloat16 while the model "
+                      "is not bf16 (its activations are cast at each layer): cast the model "
+                      "with model.to(torch.bfloat16) first to make that explicit",
+                      UserWarning, stacklevel=2)
     return counts
