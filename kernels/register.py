@@ -8,7 +8,8 @@
   tracing that compile and AOT use, CUDA calls are rewritten to ``linear_triton`` so the
   Triton kernels become visible (export keeps ``babai::linear``, as ``triton_op`` does).
 * ``babai::hptq_linear_triton`` — the HPTQ linear decoding the Huffman stream inside the
-  matmul (``kernels/huffman.py``); ``babai::hptq_linear`` runs it on CUDA.
+  matmul (``kernels/huffman.py``); ``babai::hptq_linear`` runs it on CUDA, and under
+  compile CUDA calls become it (the same rule as ``babai::linear``).
 * ``babai::linear`` on CPU: the vectorized unpack + ``mm`` of ``kernels/cpu.py``, opaque to
   compile (Inductor calls it as an extern kernel; no float weight in the graph).
 """
@@ -148,3 +149,5 @@ ops.linear.register_torch_dispatch(FunctionalTensorMode,
                                    _triton_on_cuda(torch.ops.babai.linear_triton))
 ops.dequantize.register_torch_dispatch(FunctionalTensorMode,
                                        _triton_on_cuda(torch.ops.babai.dequantize_triton))
+ops.hptq_linear.register_torch_dispatch(FunctionalTensorMode,
+                                        _triton_on_cuda(torch.ops.babai.hptq_linear_triton))
