@@ -80,6 +80,9 @@ def make_config(args: argparse.Namespace) -> tuple[Any, str]:
     fields = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
               "order": args.order, "clip": not args.no_clip, "damp": args.damp,
               "refine": args.refine}
+    if args.format != "grid":  # babai_config validates the combination
+        fields.update(clip=args.format, target_bits=args.target_bits,
+                      outlier_density=args.outlier_density)
     try:
         from babai_ao.config import babai_config
 
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
                    "decoder, quantize_(step='convert'): the user-facing form of 'observe'")
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--no-clip", action="store_true", help="unbounded codes (E <= B holds)")
+    p.add_argument("--format", choices=("grid", "hptq", "ssqr"), default="grid",
+                   help="no-clipping storage formats (sequential/observe modes)")
+    p.add_argument("--target-bits", type=float, help="hptq: average stored bits per weight")
+    p.add_argument("--outlier-density", type=float, help="ssqr: fraction of outliers")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--refine", type=int, default=0,
                    help="coordinate-descent sweeps after Babai (babai_ao.refine)")
@@ -167,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
             sum(r["bits_per_weight"] for r in rows) / len(rows))
         record["avg_bits_per_weight"] = stored_bits_per_weight(model)  # stored bytes · 8 / weights
         record["clipped_total"] = sum(r["clipped"] for r in rows)
+        if args.format != "grid":
+            from babai_ao.hptq_tensor import decode_model
+
+            record.update(format=args.format, target_bits=args.target_bits,
+                          outlier_density=args.outlier_density,
+                          bits=args.bits if args.format == "ssqr" else "entropy-coded")
+            decode_model(model)  # HPTQ: decode the streams once for the evaluation
     ids = test_tokens(tokenizer)
     t0 = time.perf_counter()
     losses = window_losses(model, ids, args.windows, args.seq_len, progress)

@@ -43,6 +43,8 @@ def label(r: dict[str, Any]) -> str:
     if r["method"] == "rtn":
         return f"RTN w{r['bits']}g{r['group_size']}"
     clip = "" if r.get("clip", True) else " no-clip"
+    if r.get("format", "grid") != "grid":
+        clip = f" {r['format']}" + (f"@{r['target_bits']}" if r.get("target_bits") else "")
     refine = f" + refine {r['refine']}" if r.get("refine") else ""
     note = f" ({r['label_note']})" if r.get("label_note") else ""
     return f"babai w{r['bits']}g{r['group_size']} {r['order']} {r['mode']}{clip}{refine}{note}"
