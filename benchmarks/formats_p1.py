@@ -136,8 +136,8 @@ def quantize_layer(row: str, w: torch.Tensor, h: torch.Tensor
     if kind in ("rtn", "babai"):
         qw = quantize_weight(w, None if kind == "rtn" else h, bits=int(b), group_size=GROUP,
                              clip=True)
-        holds = qw.certificate.bound_holds if qw.certificate.clipped == 0 else None
-        return qw.dequantize(), clipped_nbytes(qw.codes, qw.scales, qw.zeros, int(b)), holds
+        # a clipped grid has no bound, even on a layer where nothing happened to clip
+        return qw.dequantize(), clipped_nbytes(qw.codes, qw.scales, qw.zeros, int(b)), None
     if kind in ("hrtn", "hptq"):
         hw = hptq.quantize(w, None if kind == "hrtn" else h, float(target))
         return hw.dequantize(), hw.nbytes, hw.certificate.bound_holds
@@ -215,6 +215,8 @@ def report() -> str:
     results = {}
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
+        if _kind(r) in ("rtn", "babai"):
+            r["bound_holds"] = "n/a (clipped)"  # rows logged before clipped rows skipped it
         results[r["row"]] = r  # the latest run of a row wins
     results.update({r["row"]: r for r in sequential_rows()})
     rows = sorted(results.values(), key=lambda r: (round(r["bits"]), r["bits"], r["ppl"]))
