@@ -31,7 +31,7 @@ def _dequant(packed_ptr, s_ptr, z_ptr, w_ptr, N, K, G, row_bytes, z_bytes,
              mask=mask)
 
 
-dequant_kernel = triton.autotune(elementwise_configs(), key=["N", "K"])(_dequant)
+dequant_kernel = triton.autotune(elementwise_configs(), key=["N", "K", "BITS", "GROUP"])(_dequant)
 
 
 def launch_dequant(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

@@ -28,12 +28,16 @@ LEN_BITS = 5  # table entry = symbol << 5 | code length (lengths ≤ 24 < 32)
 def decode_table(symbols: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """int32 [2^L]: entry ``w`` (an ``L``-bit window) = ``symbol << 5 | length`` of the code
     that starts the window. Canonical codes of one length fill a contiguous run of windows."""
+    windows = torch.arange(1 << max_len, device=lengths.device)
+    if lengths.numel() == 0:
+        return torch.zeros_like(windows, dtype=torch.int32)
     lengths = lengths.to(torch.int64)
-    span = torch.ones_like(lengths) << (max_len - lengths)
     entry = (symbols.to(torch.int64) << LEN_BITS) | lengths
-    table = torch.repeat_interleave(entry, span)
-    fill = (1 << max_len) - table.numel()  # windows no code starts with (Kraft sum < 1)
-    return torch.cat([table, table.new_zeros(fill)]).to(torch.int32)
+    ends = torch.cumsum(torch.ones_like(lengths) << (max_len - lengths), 0)  # run ends
+    # a static [2^L] shape (searchsorted, not repeat_interleave), so it traces under compile
+    run = torch.searchsorted(ends, windows, right=True).clamp(max=entry.numel() - 1)
+    # windows past the last run begin no code (Kraft sum < 1)
+    return torch.where(windows < ends.max(), entry.gather(0, run), 0).to(torch.int32)
 
 
 @triton.jit

@@ -23,6 +23,7 @@ from .bits import read_codes
 from .configs import INTERPRET, decode_configs, prefill_configs
 
 DECODE_MAX_M = 16
+_INTERPRET = tl.constexpr(INTERPRET)  # a jit function may read only constexpr globals
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def _dot(a, b, FP32: tl.constexpr):
     Under the interpreter operands go through fp32: its bf16 ``tl.dot`` returns garbage
     (triton 3.9), and fp32 products of bf16/fp16 values are what the GPU computes anyway.
     """
-    if FP32 or INTERPRET:
+    if FP32 or _INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
@@ -89,9 +90,11 @@ def _dequant_matmul(
         tl.atomic_add(out, acc, mask=o_mask)
 
 
-decode_kernel = triton.autotune(decode_configs(), key=["N", "K", "M_BUCKET"],
+# one tuned config per shape, width, group and layout (dtypes join the key on their own)
+_KEY = ["N", "K", "M_BUCKET", "BITS", "GROUP", "HAS_PERM"]
+decode_kernel = triton.autotune(decode_configs(), key=_KEY,
                                 reset_to_zero=["out_ptr"])(_dequant_matmul)
-prefill_kernel = triton.autotune(prefill_configs(), key=["N", "K", "M_BUCKET"])(_dequant_matmul)
+prefill_kernel = triton.autotune(prefill_configs(), key=_KEY)(_dequant_matmul)
 
 
 def launch_dequant_matmul(

@@ -10,6 +10,10 @@
 * ``babai::hptq_linear_triton`` — the HPTQ linear decoding the Huffman stream inside the
   matmul (``kernels/huffman.py``); ``babai::hptq_linear`` runs it on CUDA, and under
   compile CUDA calls become it (the same rule as ``babai::linear``).
+* ``babai::dequantize`` stays one opaque op under compile on every device (its CUDA kernel
+  is the standalone dequant kernel), so the post-grad pass (``passes/fuse.py``) can turn
+  ``dequantize → mm`` into ``babai::linear``; decomposing it into the Triton kernel there
+  would write the float weight before the pass could see the pattern.
 * ``babai::linear`` on CPU: the vectorized unpack + ``mm`` of ``kernels/cpu.py``, opaque to
   compile (Inductor calls it as an extern kernel; no float weight in the graph).
 """
@@ -129,15 +133,23 @@ def _linear_cpu(*args, **kwargs):
     return linear_cpu(*args, **kwargs)
 
 
+def _export_keeps_triton_ops() -> bool:
+    """True inside ``torch.export`` (which keeps custom ops whole); False on torch builds
+    without the switch."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
 def _triton_on_cuda(triton_packet):
     """FunctionalTensorMode rule: CUDA calls become the triton_op (which then decomposes
     into its kernels for Inductor); others stay one opaque op."""
 
     def rule(mode, op, types, args, kwargs):
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-
         first = args[0] if args else next(iter(kwargs.values()))
-        if first.device.type == "cuda" and not custom_triton_ops_decomposition_disabled():
+        if first.device.type == "cuda" and not _export_keeps_triton_ops():
             with mode:
                 return triton_packet(*args, **kwargs)
         return mode.__torch_dispatch__(op, types, args, kwargs)
@@ -147,7 +159,5 @@ def _triton_on_cuda(triton_packet):
 
 ops.linear.register_torch_dispatch(FunctionalTensorMode,
                                    _triton_on_cuda(torch.ops.babai.linear_triton))
-ops.dequantize.register_torch_dispatch(FunctionalTensorMode,
-                                       _triton_on_cuda(torch.ops.babai.dequantize_triton))
 ops.hptq_linear.register_torch_dispatch(FunctionalTensorMode,
                                         _triton_on_cuda(torch.ops.babai.hptq_linear_triton))
