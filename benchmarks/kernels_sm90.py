@@ -20,9 +20,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # the GPU configs, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 from babai_ao.kernels.aot import launches, usage  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 def _row(bits: int, launch, arch: int) -> dict:

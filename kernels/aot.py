@@ -125,9 +125,13 @@ _MM_DIVISIBLE = ("N", "K", "G", "row_bytes", "z_bytes")  # 4096-class shapes, gr
 
 
 def _configs(name: str, kernel, args: dict) -> list[Launch]:
+    """One launch per autotune config that survives the kernel's pruning for ``args``."""
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        configs = kernel.early_config_prune(configs, {}, **args)
     return [Launch(f"{name} {_label(c.kwargs)} w{c.num_warps}s{c.num_stages}", kernel,
                    {**args, **c.kwargs}, c.num_warps, c.num_stages, _MM_DIVISIBLE)
-            for c in kernel.configs]
+            for c in configs]
 
 
 def _label(meta: Mapping[str, int]) -> str:

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .bits import read_codes
-from .configs import INTERPRET, decode_configs, prefill_configs
+from .bits import read_codes, read_tile
+from .configs import INTERPRET, decode_configs, prefill_configs, whole_groups
 
 DECODE_MAX_M = 16
 _INTERPRET = tl.constexpr(INTERPRET)  # a jit function may read only constexpr globals
@@ -68,7 +68,7 @@ def _dequant_matmul(
         x = tl.load(x_ptr + offs_m[:, None] * K + cols[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        q = read_codes(rows, offs_k[:, None], row_bytes, w_mask, BITS)  # [BK, BN]
+        q = read_tile(rows, t * BLOCK_K, row_bytes, n_mask[None, :], BITS, BLOCK_K, BLOCK_N)
         if GROUP % BLOCK_K == 0:
             gidx = offs_n[None, :] * G + (t * BLOCK_K) // GROUP  # [1, BN]
             z = read_codes(z_ptr, gidx, z_bytes, n_mask[None, :], BITS)
@@ -92,9 +92,11 @@ def _dequant_matmul(
 
 # one tuned config per shape, width, group and layout (dtypes join the key on their own)
 _KEY = ["N", "K", "M_BUCKET", "BITS", "GROUP", "HAS_PERM"]
-decode_kernel = triton.autotune(decode_configs(), key=_KEY,
+_PRUNE = {"early_config_prune": whole_groups}
+decode_kernel = triton.autotune(decode_configs(), key=_KEY, prune_configs_by=_PRUNE,
                                 reset_to_zero=["out_ptr"])(_dequant_matmul)
-prefill_kernel = triton.autotune(prefill_configs(), key=_KEY)(_dequant_matmul)
+prefill_kernel = triton.autotune(prefill_configs(), key=_KEY, prune_configs_by=_PRUNE)(
+    _dequant_matmul)
 
 
 def launch_dequant_matmul(

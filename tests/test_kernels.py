@@ -49,6 +49,8 @@ CASES = [
     (8, 64, 3, 40, 128, F32, False, False),
     (4, 16, 3, 24, 80, BF16, True, True),  # group < K tile
     (3, 48, 17, 24, 96, F16, True, False),  # group not a multiple of the K tile
+    (3, 20, 1, 24, 100, F16, True, True),  # K % 8 ≠ 0: the packed row ends in padding
+    (4, 52, 17, 24, 52, BF16, False, True),  # one group per row, K % 8 ≠ 0
 ]
 
 
