@@ -4,7 +4,9 @@ against the device's measured copy bandwidth. Not a test; needs CUDA (written fo
 For each weight shape N×K (4096×4096, 4096×14336, 14336×4096, 8192×28672) and batch
 M ∈ {1, 4, 16}: median CUDA-event time of ``x @ Wᵀ`` in bf16 (torch.mm), of the fused
 kernel at 4 bit (and 2/3/8 with --all-bits), of dense 4-bit + 0.5 % SSQR outliers, and of
-torchao's int4 weight-only path when it runs. GB/s counts the bytes the kernel must read
+torchao's int4 weight-only path when it runs, and of torch's tinygemm int4 kernel
+(``torch._weight_int4pack_mm``, the kernel under torchao's path) without torchao. Calls are
+replayed from CUDA graphs (``--eager``: plain calls). GB/s counts the bytes the kernel must read
 (codes + scales + zeros + x + outliers, + output written); the roofline is a device-to-device
 ``copy_`` of a 1 GiB buffer (bytes read + written).
 
@@ -29,17 +31,30 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (N out, 
 BATCHES = [1, 4, 16]
 
 
-def cuda_time(fn, reps: int = 50, warmup: int = 10) -> float:
-    """Median seconds per call, CUDA events, L2 flushed between calls."""
+def cuda_time(fn, reps: int = 50, warmup: int = 10, graph: bool = True) -> float:
+    """Median seconds per call, CUDA events, L2 flushed between calls. With ``graph``, the
+    call is captured once in a CUDA graph and replayed, so Python and launch overhead (which
+    dominate a few-microsecond decode GEMV) drop out; eager if capture fails."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
+    for _ in range(warmup):  # also runs the autotuner, before any capture
         fn()
+    torch.cuda.synchronize()
+    call = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            call = g.replay
+        except Exception as e:  # noqa: BLE001  (report and time eagerly)
+            print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:80]}); eager")
+            torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         flush.zero_()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        call()
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
@@ -93,6 +108,35 @@ def torchao_int4(w: torch.Tensor, gs: int):
         return None
 
 
+def aten_int4(w: torch.Tensor, gs: int):
+    """torch's own tinygemm int4 kernel (what torchao's int4 weight-only path calls on CUDA),
+    for machines without torchao: ``x -> _weight_int4pack_mm(x, packed, gs, scales_zeros)``."""
+    try:
+        n, k = w.shape
+        g = w.float().reshape(n, k // gs, gs)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
+                                                   8)
+        zero = lo + 8 * scale  # tinygemm: w = (q − 8)·scale + zero
+        sz = torch.stack([scale, zero], -1).reshape(n, k // gs, 2).transpose(0, 1)
+        sz = sz.contiguous().to(torch.bfloat16)
+
+        def run(x):
+            return torch._weight_int4pack_mm(x, packed, gs, sz)
+
+        x = torch.randn(4, k, device=w.device, dtype=torch.bfloat16)
+        ref = x.float() @ (q.reshape(n, k // gs, gs) * scale + lo).reshape(n, k).t()
+        err = (run(x).float() - ref).abs().max() / ref.abs().max()
+        if err > 2e-2:
+            raise RuntimeError(f"packing mismatch: relative error {err:.3g} vs dequantized")
+        return run
+    except Exception as e:  # noqa: BLE001
+        print(f"aten int4 (tinygemm) unavailable: {type(e).__name__}: {str(e)[:160]}")
+        return None
+
+
 def hptq_rows(chunk: int, bw: float) -> list[dict]:
     """Decode throughput and in-matmul decode latency of HPTQ streams (first three shapes)."""
     from babai_ao.kernels.huffman import decode_table, huffman_decode
@@ -136,8 +180,12 @@ def main() -> None:
     p.add_argument("--all-bits", action="store_true")
     p.add_argument("--hptq", action="store_true", help="also HPTQ decode / in-matmul rows")
     p.add_argument("--hptq-chunk", type=int, default=256)
+    p.add_argument("--eager", action="store_true", help="time plain calls, no CUDA graphs")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.eager:
+        global cuda_time
+        cuda_time = functools.partial(cuda_time, graph=False)
     import babai_ao.kernels  # noqa: F401  (registers babai::linear_triton)
 
     bw = copy_bandwidth()
@@ -148,6 +196,7 @@ def main() -> None:
     for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         ao = torchao_int4(w, args.group_size)
+        tiny = aten_int4(w, args.group_size)
         layers = {f"{b}-bit": random_packed(n, k, b, args.group_size) for b in bits_list}
         layers["4-bit+0.5% SSQR"] = random_packed(n, k, 4, args.group_size, 0.005)
         for m in BATCHES:
@@ -166,6 +215,10 @@ def main() -> None:
                 t = cuda_time(lambda x=x, ao=ao: ao(x))
                 row["torchao_int4_us"] = t * 1e6
                 row["torchao_int4_speedup"] = t_bf16 / t
+            if tiny is not None:
+                t = cuda_time(lambda x=x, tiny=tiny: tiny(x))
+                row["aten_int4_us"] = t * 1e6
+                row["aten_int4_speedup"] = t_bf16 / t
             rows.append(row)
             print(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
                            for key, val in row.items()), flush=True)
