@@ -35,10 +35,12 @@ print(json.dumps(rows))
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_every_kernel_compiles_for_sm90(bits):
+def test_every_kernel_compiles_for_sm90(bits, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(bits)], env=env,
+    # cwd elsewhere: ``-c`` puts the cwd first on sys.path, and a checkout's babai_ao/ lacks
+    # the babai_ao.kernels that installing maps in
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(bits)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["kernel"].split()[0]: r for r in json.loads(proc.stdout.splitlines()[-1])}
