@@ -67,7 +67,6 @@ def _dequant_matmul(
             cols = offs_k
         x = tl.load(x_ptr + offs_m[:, None] * K + cols[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
         q = read_tile(rows, t * BLOCK_K, row_bytes, n_mask[None, :], BITS, BLOCK_K, BLOCK_N)
         if GROUP % BLOCK_K == 0:
             gidx = offs_n[None, :] * G + (t * BLOCK_K) // GROUP  # [1, BN]
@@ -75,6 +74,7 @@ def _dequant_matmul(
             s = tl.load(s_ptr + gidx, mask=n_mask[None, :], other=0.0).to(tl.float32)
             acc += _dot(x, (q - z).to(tl.float32).to(x.dtype), FP32_DOT) * s  # exact integers
         else:
+            w_mask = k_mask[:, None] & n_mask[None, :]
             gidx = offs_n[None, :] * G + offs_k[:, None] // GROUP  # [BK, BN]
             z = read_codes(z_ptr, gidx, z_bytes, w_mask, BITS)
             s = tl.load(s_ptr + gidx, mask=w_mask, other=0.0).to(tl.float32)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from babai_ao.ops import dequantize_packed
@@ -34,3 +38,12 @@ def reference(x: torch.Tensor, layer: dict, bias: torch.Tensor | None = None,
     w = dequantize_packed(**{k: v for k, v in layer.items()})
     xf = x.float() if perm is None else x.float()[..., perm]
     return torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
+
+
+def run_compiled_triton(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``python argv…`` in a fresh process without ``TRITON_INTERPRET`` (so ``triton.jit``
+    makes GPU-compilable functions, not interpreter ones); output captured as text."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=600, **kwargs)

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _kernels_util import run_compiled_triton
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def traced() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(HERE / "_cuda_trace.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    proc = run_compiled_triton([str(HERE / "_cuda_trace.py")], env={"PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-4000:]
     # a kernel that does not compile for the GPU makes torch fall back to cloning every input
     assert "Encountered an exception in identify_accessed_tensors" not in proc.stderr, (

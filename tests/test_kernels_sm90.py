@@ -11,11 +11,9 @@ interpreter functions, which do not compile). One autotune config per kernel and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from _kernels_util import run_compiled_triton
 
 _SCRIPT = """
 import json, sys
@@ -36,12 +34,10 @@ print(json.dumps(rows))
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_every_kernel_compiles_for_sm90(bits, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     # cwd elsewhere: ``-c`` puts the cwd first on sys.path, and a checkout's babai_ao/ lacks
     # the babai_ao.kernels that installing maps in
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(bits)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_compiled_triton(["-c", _SCRIPT, str(bits)], cwd=tmp_path,
+                               env={"TRITON_DEFAULT_FP_FUSION": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["kernel"].split()[0]: r for r in json.loads(proc.stdout.splitlines()[-1])}
     assert set(rows) == {"decode", "prefill", "dequant", "outlier", "huffman", "hptq"}
