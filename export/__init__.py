@@ -1,6 +1,9 @@
 """Export of babai-quantized models: ExecuTorch ``.pte`` and ONNX, weights kept quantized.
 
 ``to_executorch`` and ``to_onnx`` import their toolchains on first use.
+
+This folder is installed as ``babai_ao.export``; imported as top-level ``export`` it hands
+over to an installed package of that name, if any (``babai_ao._root_folders``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ _LAZY = {
     "greedy_executorch": "generate",
     "greedy_onnx": "generate",
 }
+__all__ = list(_LAZY)
+
+if __name__ != "babai_ao.export":
+    from babai_ao._root_folders import hand_over
+
+    hand_over(__name__, __file__)
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'babai_ao.export' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)

@@ -6,15 +6,18 @@ prefill tunings), ``outliers`` (SSQR CSR correction), ``dequant`` (standalone de
 CPU path), ``cpu_int4`` (torch's int4pack kernel for 4-bit bf16), ``register`` (the
 ``babai::`` op registrations).
 
-This directory is installed as ``babai_ao.kernels``. From a checkout with the repository
-root on ``sys.path`` (``python -m pytest``), a library probing for the PyPI ``kernels``
-package (transformers does) imports it as top-level ``kernels``: under that name it stays
-inert, so the ops are never registered twice from two copies of these modules.
+This folder is installed as ``babai_ao.kernels``. Imported as top-level ``kernels`` (the
+repository root on ``sys.path``), it hands over to the installed PyPI ``kernels``, which
+transformers imports (``babai_ao._root_folders``).
 """
 
 from __future__ import annotations
 
-if __name__ == "babai_ao.kernels":
+if __name__ != "babai_ao.kernels":
+    from babai_ao._root_folders import hand_over
+
+    hand_over(__name__, __file__)
+else:
     from . import register
     from .cpu import linear_cpu
     from .register import dequantize_triton, hptq_linear_triton, linear_triton

@@ -3,13 +3,21 @@
 ``install()`` registers ``BabaiPostGradPass`` (dequantize → mm/addmm ⇒ ``babai::linear``,
 folding bias and activation permutation); ``capture_post_grad()`` records post-grad graphs;
 ``assert_no_float_weight`` proves no quantized layer's float weight is built.
+
+This folder is installed as ``babai_ao.passes``; imported as top-level ``passes`` it hands
+over to an installed package of that name, if any (``babai_ao._root_folders``).
 """
 
 from __future__ import annotations
 
-from .check import assert_no_float_weight, quantized_layers
-from .fuse import BabaiPostGradPass, rewrite_dequant_matmul
-from .install import capture_post_grad, install, installed_pass, uninstall
+if __name__ != "babai_ao.passes":
+    from babai_ao._root_folders import hand_over
 
-__all__ = ["BabaiPostGradPass", "assert_no_float_weight", "capture_post_grad", "install",
-           "installed_pass", "quantized_layers", "rewrite_dequant_matmul", "uninstall"]
+    hand_over(__name__, __file__)
+else:
+    from .check import assert_no_float_weight, quantized_layers
+    from .fuse import BabaiPostGradPass, rewrite_dequant_matmul
+    from .install import capture_post_grad, install, installed_pass, uninstall
+
+    __all__ = ["BabaiPostGradPass", "assert_no_float_weight", "capture_post_grad", "install",
+               "installed_pass", "quantized_layers", "rewrite_dequant_matmul", "uninstall"]
