@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+import babai_ao.ops  # noqa: F401  (defines babai::linear)
+
 _OP = torch.ops.babai.linear.default
 
 
