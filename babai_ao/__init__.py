@@ -1,8 +1,23 @@
 """babai-ao: weight quantization with Babai's nearest-plane algorithm (GPTQ ≡ Babai).
 
-The math (``quantize_weight``, ``babai_nearest_plane``) needs torch alone. Names that
-need torchao or transformers are imported lazily, so ``babai_ao.kernels`` stays importable
-with torch + triton only.
+The package is layered; each subpackage imports only from the ones above it:
+
+=================  ==========================================================================
+``lattice``        the math: Hessians, LDL and orders, nearest plane, refinement, certificates
+``formats``        how codes are stored: packing, SSQR outliers, Huffman/HPTQ, bit accounting
+``ao``             torch ops and the torchao layer: ``babai::`` ops, tensor subclasses, configs
+``calibration``    sequential calibration of whole models, data, model loading, perplexity
+``checkpoints``    saving and loading quantized models (transformers / safetensors, torch.save)
+``cli``            the product: the ``babai-ao`` command, demo, run records, plots
+=================  ==========================================================================
+
+``babai_ao.kernels``, ``babai_ao.passes`` and ``babai_ao.export`` (the repository's
+top-level ``kernels/``, ``passes/``, ``export/``) sit beside ``ao``: device kernels, Inductor
+passes, ExecuTorch/ONNX export. The math (``quantize_weight``, ``babai_nearest_plane``) needs
+torch alone; names that need torchao or transformers are imported on first use, so
+``babai_ao.kernels`` stays importable with torch + triton only. Module paths of the flat
+layout before these subpackages (``babai_ao.tensor``, ``babai_ao.config`` …) still import,
+for old checkpoints and scripts (``babai_ao._moved``).
 """
 
 from __future__ import annotations
@@ -10,27 +25,30 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .babai import babai_nearest_plane, nearest_plane
+from . import _moved
 from .errors import BabaiError
-from .grid import Grid
-from .hessian import HessianAccumulator
-from .ldl import ORDERS, quantization_order
-from .quantize import Certificate, QuantizedWeight, quantize_weight
+from .lattice.babai import babai_nearest_plane, nearest_plane
+from .lattice.grid import Grid
+from .lattice.hessian import HessianAccumulator
+from .lattice.ldl import ORDERS, quantization_order
+from .lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
+_moved.install()
+
 # name -> module that defines it (imported on first access)
 _LAZY = {
-    "BabaiConfig": "config",
-    "babai_config": "config",
-    "BabaiQuantizedTensor": "tensor",
-    "quantize_model": "calibrate",
-    "calibration_windows": "data",
-    "load_smollm2": "models",
-    "perplexity": "evaluate",
-    "quantize_embeddings_": "embedding",
-    "babai_embedding_config": "embedding",
-    "BabaiEmbeddingConfig": "embedding",
+    "BabaiConfig": "ao.config",
+    "babai_config": "ao.config",
+    "BabaiQuantizedTensor": "ao.tensor",
+    "quantize_embeddings_": "ao.embedding",
+    "babai_embedding_config": "ao.embedding",
+    "BabaiEmbeddingConfig": "ao.embedding",
+    "quantize_model": "calibration.sequential",
+    "calibration_windows": "calibration.data",
+    "load_smollm2": "calibration.models",
+    "perplexity": "calibration.evaluate",
     "prepare_cpu": "kernels.prepare",
 }
 

@@ -28,9 +28,9 @@ import torch
 from babai_ao.export import llm
 from babai_ao.export.generate import executorch_step, greedy, onnx_step
 
-from babai_ao.embedding import quantize_embeddings_
-from babai_ao.models import load_smollm2
-from babai_ao.tensor import BabaiQuantizedTensor
+from babai_ao.ao.embedding import quantize_embeddings_
+from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.calibration.models import load_smollm2
 
 PROMPT = [1, 504, 3575, 282, 4649, 314, 2613, 28]
 N_NEW, CACHE = 32, 64

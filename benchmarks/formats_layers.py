@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from formats_p1 import observe_hessians, quantize_layer  # noqa: E402
 
-from babai_ao.data import calibration_windows  # noqa: E402
-from babai_ao.models import load_smollm2  # noqa: E402
+from babai_ao.calibration.data import calibration_windows  # noqa: E402
+from babai_ao.calibration.models import load_smollm2  # noqa: E402
 
 ROWS = [["babai2", "hrtn@2.281", "hptq@2.281", "ssqr2@2.5"],
         ["babai3", "hrtn@3.297", "hptq@3.297", "ssqr3@3.45"],

@@ -2,7 +2,7 @@
 
 Hessians are observe-mode (one float-model forward over the P1 calibration windows with
 hooks on every decoder linear; q/k/v and gate/up share theirs), cached under
-``babai_ao.models.cache_dir()/hessians``. Every row quantizes all 210 decoder linears of
+``babai_ao.calibration.models.cache_dir()/hessians``. Every row quantizes all 210 decoder linears of
 SmolLM2-135M with those Hessians, installs the dequantized weights (the exact values the
 stored format decodes to; HPTQ's are decoded from its Huffman stream) and runs the P1
 perplexity. Bits per weight = 8 · (every stored byte of the 210 quantized linears) /
@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from babai_ao import hptq, ssqr
-from babai_ao.calibrate import decoder_blocks
-from babai_ao.data import calibration_windows
-from babai_ao.evaluate import perplexity
-from babai_ao.hessian import HessianAccumulator
-from babai_ao.models import cache_dir, load_smollm2
-from babai_ao.packing import pack
-from babai_ao.quantize import quantize_weight
+from babai_ao.calibration.data import calibration_windows
+from babai_ao.calibration.evaluate import perplexity
+from babai_ao.calibration.models import cache_dir, load_smollm2
+from babai_ao.calibration.sequential import decoder_blocks
+from babai_ao.formats.packing import pack
+from babai_ao.lattice.hessian import HessianAccumulator
+from babai_ao.lattice.quantize import quantize_weight
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "formats_p1.jsonl"

@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=0,
                    help="time greedy decoding of N tokens with a static KV cache instead")
     args = p.parse_args()
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     base, _ = load_smollm2(num_layers=args.layers)
     models = _variants(base, args)

@@ -69,7 +69,7 @@ def copy_bandwidth() -> float:
 
 
 def random_packed(n: int, k: int, bits: int, gs: int, outlier_frac: float = 0.0) -> dict:
-    from babai_ao.packing import pack
+    from babai_ao.formats.packing import pack
 
     g = k // gs
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.int32, device="cuda")

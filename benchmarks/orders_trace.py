@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from babai_ao import quantize_weight
-from babai_ao.calibrate import layer_hessians
-from babai_ao.data import calibration_windows
-from babai_ao.hessian import damped
-from babai_ao.ldl import ORDERS, pivots, quantization_order
-from babai_ao.models import load_smollm2
+from babai_ao.calibration.data import calibration_windows
+from babai_ao.calibration.models import load_smollm2
+from babai_ao.calibration.sequential import layer_hessians
+from babai_ao.lattice.hessian import damped
+from babai_ao.lattice.ldl import ORDERS, pivots, quantization_order
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from p1_table import write_section  # noqa: E402

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from babai_ao import quantize_weight
-from babai_ao.calibrate import install, quantize_model
-from babai_ao.data import calibration_windows, test_tokens
-from babai_ao.evaluate import window_losses
-from babai_ao.models import load_smollm2
-from babai_ao.runs import (
+from babai_ao.calibration.data import calibration_windows, test_tokens
+from babai_ao.calibration.evaluate import window_losses
+from babai_ao.calibration.models import load_smollm2
+from babai_ao.calibration.sequential import install, quantize_model
+from babai_ao.cli.runs import (
     certificate_rows,
     decoder_linears,
     report_rows,
@@ -62,7 +62,7 @@ def torchao_observe_convert(model: torch.nn.Module, config: Any, calibration: to
     """torchao's two steps on the decoder linears; rows from the installed certificates."""
     from torchao.quantization import quantize_
 
-    from babai_ao.config import babai_config
+    from babai_ao.ao.config import babai_config
 
     fqns = {name for name, _ in decoder_linears(model)}
     only = lambda m, fqn: fqn in fqns  # noqa: E731  (not lm_head: tied to the embeddings)
@@ -84,11 +84,11 @@ def make_config(args: argparse.Namespace) -> tuple[Any, str]:
         fields.update(clip=args.format, target_bits=args.target_bits,
                       outlier_density=args.outlier_density)
     try:
-        from babai_ao.config import babai_config
+        from babai_ao.ao.config import babai_config
 
         return babai_config(**fields), "babai_config"
     except ImportError:
-        return SimpleNamespace(**fields), "namespace (babai_ao.config not available)"
+        return SimpleNamespace(**fields), "namespace (babai_ao.ao.config not available)"
 
 
 def git_commit() -> str:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--outlier-density", type=float, help="ssqr: fraction of outliers")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--refine", type=int, default=0,
-                   help="coordinate-descent sweeps after Babai (babai_ao.refine)")
+                   help="coordinate-descent sweeps after Babai (babai_ao.lattice.refine)")
     p.add_argument("--calib-n", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         record["avg_bits_per_weight"] = stored_bits_per_weight(model)  # stored bytes · 8 / weights
         record["clipped_total"] = sum(r["clipped"] for r in rows)
         if args.format != "grid":
-            from babai_ao.hptq_tensor import decode_model
+            from babai_ao.ao.hptq_tensor import decode_model
 
             record.update(format=args.format, target_bits=args.target_bits,
                           outlier_density=args.outlier_density,

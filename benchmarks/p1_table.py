@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         write_section(args.write, section)
     if args.plots:
-        from babai_ao.plots import bits_vs_perplexity, error_vs_bound
+        from babai_ao.cli.plots import bits_vs_perplexity, error_vs_bound
 
         args.plots.mkdir(parents=True, exist_ok=True)
         flt = next((r["ppl"] for r in records if r["method"] == "float"), None)

@@ -18,9 +18,9 @@ import time
 import torch
 
 from babai_ao import quantize_weight
-from babai_ao.grid import Grid, dequantize
-from babai_ao.hessian import damped
-from babai_ao.ldl import inverse_cholesky
+from babai_ao.lattice.grid import Grid, dequantize
+from babai_ao.lattice.hessian import damped
+from babai_ao.lattice.ldl import inverse_cholesky
 
 
 def textbook_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from babai_ao import babai_config, calibration_windows, load_smollm2, perplexity, quantize_model
-from babai_ao.data import test_tokens
+from babai_ao.calibration.data import test_tokens
 
 p = argparse.ArgumentParser()
 p.add_argument("--small", action="store_true", help="1 block, tiny calibration (CI)")

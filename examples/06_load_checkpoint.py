@@ -13,7 +13,7 @@ import torch
 from torchao.quantization import quantize_
 
 from babai_ao import babai_config, load_smollm2
-from babai_ao.hf import from_pretrained, save_pretrained
+from babai_ao.checkpoints.hf import from_pretrained, save_pretrained
 
 p = argparse.ArgumentParser()
 p.add_argument("--small", action="store_true", help="1 block (CI)")

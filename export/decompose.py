@@ -15,7 +15,7 @@ by ``s·(z − 8)`` per group, so when ``asymmetric`` the exact correction
 ``− Σ_g (Σ_{k∈g} x_k) · s[n, g]·(z[n, g] − 8)`` is added (a float matmul 1/g the size).
 SSQR outliers are added on the output: ``y[n] += Σ_j x[idx_j] · s[n, idx_j//g] · δ_j``.
 
-``exact_embedding`` is ``babai::embedding`` (``babai_ao.embedding``) in the same spirit: the
+``exact_embedding`` is ``babai::embedding`` (``babai_ao.ao.ops``) in the same spirit: the
 looked-up packed rows are gathered and dequantized with ATen integer ops (any bit-width).
 """
 
@@ -25,13 +25,13 @@ from collections.abc import Callable
 
 import torch
 
-import babai_ao.ops  # noqa: F401  (defines babai::linear)
+import babai_ao.ao.ops  # noqa: F401  (defines babai::linear, babai::embedding)
 
 _OP = torch.ops.babai.linear.default
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Codes [rows, n] int32 from ``babai_ao.packing`` bytes [rows, nb], with ATen ops only.
+    """Codes [rows, n] int32 from ``babai_ao.formats.packing`` bytes [rows, nb], with ATen ops only.
 
     Code ``k`` sits at bit ``k·b`` of the row: for b ∈ {2, 4, 8} inside one byte
     (``(p >> (i·b)) & (2^b − 1)``); for b = 3 eight codes share a 24-bit word
@@ -77,7 +77,7 @@ def _outlier_scale(scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 
 def dequantize_aten(packed, scales, zeros, bits, group_size, in_features,
                     outlier_ptr=None, outlier_idx=None, outlier_val=None) -> torch.Tensor:
-    """Float32 weight [N, K], the same float operations as ``babai_ao.ops.dequantize_packed``."""
+    """Float32 weight [N, K], the same float operations as ``babai_ao.formats.packed_weight.dequantize_packed``."""
     n = packed.shape[0]
     groups = in_features // group_size
     q = unpack_codes(packed, bits, in_features).to(torch.float32)
@@ -121,7 +121,7 @@ def exact_embedding(indices, packed, scales, zeros, bits, group_size, embedding_
                     dtype=torch.float32) -> torch.Tensor:
     """``babai::embedding`` as portable ATen ops: gather the packed rows, their scales and
     zero codes, dequantize those rows only (the same float operations as eager)."""
-    from babai_ao.embedding import zero_codes
+    from babai_ao.formats.packed_weight import zero_codes
 
     groups = embedding_dim // group_size
     flat = indices.reshape(-1).to(torch.int64)
@@ -182,14 +182,12 @@ def babai_linear_nodes(ep: torch.export.ExportedProgram) -> list[torch.fx.Node]:
 
 def babai_embedding_nodes(ep: torch.export.ExportedProgram) -> list[torch.fx.Node]:
     """The ``babai::embedding`` calls of an exported program."""
-    import babai_ao.embedding  # noqa: F401  (registers babai::embedding)
-
     op = torch.ops.babai.embedding.default
     return [n for n in ep.graph.nodes if n.op == "call_function" and n.target == op]
 
 
 def dequantize_op() -> torch._ops.OpOverload | None:
-    """``babai::dequantize`` when this build of ``babai_ao.ops`` defines it."""
+    """``babai::dequantize`` when this build of ``babai_ao.ao.ops`` defines it."""
     packet = getattr(torch.ops.babai, "dequantize", None) if hasattr(torch.ops, "babai") else None
     return None if packet is None else packet.default
 

@@ -18,7 +18,7 @@ error and multiplies raw codes. HPTQ's compute form (dense 8-bit codes, zero 128
 per row) is exported as an 8-bit layer (weight-only). Every export can run its ``.pte`` once and report the
 difference to eager; check it (the tests do).
 
-Quantized embeddings (``babai::embedding``, ``babai_ao.embedding``), in both modes, become the
+Quantized embeddings (``babai::embedding``, ``babai_ao.ao.ops``), in both modes, become the
 runtime's ``quantized_decomposed::embedding_4bit`` / ``embedding_2bit`` / ``embedding_byte``
 kernels on re-laid-out constants (``quantized_embeddings``: nibble order, signed codes,
 float32 scales and zero points; the lookup is exact), 3-bit tables an ATen gather + unpack.
@@ -55,7 +55,7 @@ _BITS, _ZEROS = 5, 3  # positions of ``bits`` and ``zeros`` in babai::linear's a
 
 def _zeros_symmetric(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> bool:
     """Whether every group zero of a 4-bit layer is 8 (the symmetric grid XNNPACK assumes)."""
-    from babai_ao.packing import unpack
+    from babai_ao.formats.packing import unpack
 
     packed, zeros = constant_of(ep, node.args[1]), constant_of(ep, node.args[_ZEROS])
     if packed is None or zeros is None:
@@ -89,7 +89,7 @@ def _embedding_layout(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     zero points and output in one dtype: both are stored in the output dtype (float32: the
     fp16 scales convert exactly, and the rows equal eager's bit for bit).
     """
-    from babai_ao.embedding import zero_codes
+    from babai_ao.formats.packed_weight import zero_codes
 
     if bits not in (2, 4, 8) or (dim * bits) % 8:
         return None

@@ -4,7 +4,7 @@
 on torch 2.13 (``set the storage … on device "meta"``), so before exporting, every
 ``nn.Linear`` holding one is swapped for a :class:`BufferLinear` that keeps the same packed
 tensors as buffers and calls the same ``torch.ops.babai.linear``, and every quantized
-``nn.Embedding`` (``babai_ao.embedding``) for a :class:`BufferEmbedding` calling
+``nn.Embedding`` (``babai_ao.ao.embedding``) for a :class:`BufferEmbedding` calling
 ``torch.ops.babai.embedding`` — the exported graph is the one the subclass would give.
 A table tied to an ``lm_head`` gives both modules the very same buffer tensors.
 :func:`plain_buffers` swaps and restores.
@@ -17,8 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-import babai_ao.embedding  # noqa: F401  (registers babai::embedding)
-import babai_ao.ops  # noqa: F401  (registers babai::linear)
+import babai_ao.ao.ops  # noqa: F401  (registers babai::linear, babai::embedding)
 
 _OPTIONAL = ("outlier_ptr", "outlier_idx", "outlier_val")
 

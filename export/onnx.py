@@ -21,7 +21,7 @@ row pointers, so outliers cost what they cost in storage. HPTQ reaches this as i
 form: dense 8-bit codes (zero 128) with per-row scales, exported as the 8-bit case.
 ``DequantizeLinear`` computes ``(q − z) · s`` in float32, the same operations as eager.
 
-Quantized embeddings (``babai::embedding``, ``babai_ao.embedding``) become ONNX Runtime's
+Quantized embeddings (``babai::embedding``, ``babai_ao.ao.ops``) become ONNX Runtime's
 ``com.microsoft.GatherBlockQuantized`` (uint8 data at 2/4/8 bits packed low bits first —
 our layout —, float32 scales, zero points packed per row; blocks a power of two ≥ 16): with
 ``format="matmulnbits"`` it reads MatMulNBits' ``[N, G, g·b/8]`` bytes (``quantize_axis=2``),
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from babai_ao.errors import BabaiError
-from babai_ao.packing import unpack
+from babai_ao.formats.packing import unpack
 
 from .decompose import (
     babai_embedding_nodes,

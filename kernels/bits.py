@@ -1,4 +1,4 @@
-"""Reading b-bit codes from the packed byte format of ``babai_ao.packing`` inside Triton.
+"""Reading b-bit codes from the packed byte format of ``babai_ao.formats.packing`` inside Triton.
 
 Code ``i`` of a packed row starts at bit ``i·b``: byte ``j = i·b // 8``, shift ``r = i·b % 8``,
 and ``q = ((p[j] | p[j+1] << 8) >> r) & (2^b − 1)``. When ``b`` divides 8 a code never

@@ -1,4 +1,4 @@
-"""Triton kernels for HPTQ's canonical-Huffman streams (format: ``babai_ao.huffman``).
+"""Triton kernels for HPTQ's canonical-Huffman streams (format: ``babai_ao.formats.huffman``).
 
 Each lane of a program owns one chunk of the stream: it starts at the chunk's bit offset
 (the stored chunk index) and decodes ``chunk`` symbols one after another, reading the

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from babai_ao.grid import Grid
-from babai_ao.ops import linear as _linear  # noqa: F401  (registers babai::linear)
-from babai_ao.packing import pack
+from babai_ao.ao.ops import linear as _linear  # noqa: F401  (registers babai::linear)
+from babai_ao.formats.packing import pack
+from babai_ao.lattice.grid import Grid
 
 
 class PackedLinear(nn.Module):
@@ -33,7 +33,7 @@ class PackedLinear(nn.Module):
         w = layer.weight.detach().float()
         n, k = w.shape
         if hessian is not None:
-            from babai_ao.quantize import quantize_weight
+            from babai_ao.lattice.quantize import quantize_weight
 
             qw = quantize_weight(w, hessian, bits=bits, group_size=group_size)
             codes, scales, zeros = qw.codes, qw.scales, qw.zeros

@@ -25,8 +25,8 @@ KERNELS = (Int4PackLinear, Int8PackLinear)
 
 def prepare_cpu(model: nn.Module) -> dict[str, int]:
     """Swap eligible linears in place; returns how many became each kernel module."""
-    from babai_ao.hptq_tensor import HuffmanQuantizedTensor  # needs torchao: on use
-    from babai_ao.tensor import BabaiQuantizedTensor
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor  # needs torchao: on use
+    from babai_ao.ao.tensor import BabaiQuantizedTensor
 
     counts = {k.__name__: 0 for k in KERNELS}
     wider = False

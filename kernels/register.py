@@ -1,4 +1,4 @@
-"""Device kernels of ``babai::linear`` / ``babai::dequantize`` (imported by ``babai_ao.ops``).
+"""Device kernels of ``babai::linear`` / ``babai::dequantize`` (imported by ``babai_ao.ao.ops``).
 
 * ``babai::linear_triton`` — a ``torch.library.triton_op``: under ``torch.compile`` Inductor
   sees the Triton kernels themselves (dense fused dequant-matmul, then the CSR outlier

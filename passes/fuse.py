@@ -21,7 +21,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
-import babai_ao.ops  # noqa: F401  (defines babai::linear / babai::dequantize)
+import babai_ao.ao.ops  # noqa: F401  (defines babai::linear / babai::dequantize)
 
 aten = torch.ops.aten
 DEQUANT_OPS = (torch.ops.babai.dequantize.default,)

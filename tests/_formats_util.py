@@ -9,7 +9,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from babai_ao.hessian import HessianAccumulator
+from babai_ao.lattice.hessian import HessianAccumulator
 
 # indices into real_layers(): q, o, down of block 0; v, up of block 1
 REAL_LAYERS = (0, 3, 6, 9, 12)
@@ -33,8 +33,8 @@ def real_layers() -> tuple[tuple[str, torch.Tensor, torch.Tensor], ...]:
 
     ``H`` from 4 P1 calibration windows cut to 256 tokens (a few seconds on 2 cores).
     """
-    from babai_ao.data import calibration_windows
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.data import calibration_windows
+    from babai_ao.calibration.models import load_smollm2
 
     model, tok = load_smollm2(num_layers=2)
     ids = calibration_windows(tok, n=4)[:, :256]

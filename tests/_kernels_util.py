@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from babai_ao.ops import dequantize_packed
-from babai_ao.packing import pack
+from babai_ao.formats.packed_weight import dequantize_packed
+from babai_ao.formats.packing import pack
 
 
 def random_layer(bits: int, group_size: int, n: int, k: int, outliers: bool = False,

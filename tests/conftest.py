@@ -11,7 +11,7 @@ import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when its kernels are defined, i.e. at the first import of
-# babai_ao.ops in the session: without a GPU every kernel test runs in the interpreter.
+# babai_ao.ao.ops in the session: without a GPU every kernel test runs in the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def smollm2_small():
     """``(model, tokenizer)``: SmolLM2-135M-Instruct cut to its first 2 decoder blocks, fp32."""
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     return load_smollm2(num_layers=2)
 
@@ -27,6 +27,6 @@ def smollm2_small():
 @pytest.fixture(scope="session")
 def calibration_small(smollm2_small) -> torch.Tensor:
     """4 P1-style calibration windows of 128 tokens (wiki.valid.tokens, seed 0)."""
-    from babai_ao.data import calibration_windows
+    from babai_ao.calibration.data import calibration_windows
 
     return calibration_windows(smollm2_small[1], n=4, seq_len=128)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from babai_ao import BabaiError, HessianAccumulator, quantize_weight
-from babai_ao.calibrate import (
+from babai_ao.calibration.sequential import (
     QuantizationReport,
     decoder_blocks,
     layer_hessians,
@@ -115,8 +115,8 @@ def test_every_linear_replaced_and_on_grid(smollm2_small, sequential):
         groups = w.reshape(-1, 64)
         distinct = max(len(torch.unique(g)) for g in groups[:: max(1, len(groups) // 50)])
         assert distinct <= 16, f"{name} has {distinct} values in a 4-bit group"
-        if importlib.util.find_spec("babai_ao.tensor") is not None:
-            from babai_ao.tensor import BabaiQuantizedTensor
+        if importlib.util.find_spec("babai_ao.ao.tensor") is not None:
+            from babai_ao.ao.tensor import BabaiQuantizedTensor
 
             assert isinstance(lin.weight, BabaiQuantizedTensor), name
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -204,13 +204,13 @@ def test_errors(smollm2_small, calibration_small):
 def test_replay_gives_the_same_model(smollm2_small, calibration_small, sequential, monkeypatch):
     """Replaying quantized linears' and attention/MLP outputs across stage forwards changes
     nothing: the same codes as recomputing every forward in full."""
-    from babai_ao import calibrate
+    from babai_ao.calibration import replay
 
     replayed, replayed_report = sequential
-    monkeypatch.setattr(calibrate, "REPLAY_BUDGET", 2**20)  # 1 MiB: most outputs recomputed
+    monkeypatch.setattr(replay, "REPLAY_BUDGET", 2**20)  # 1 MiB: most outputs recomputed
     capped = copy.deepcopy(smollm2_small[0])
     quantize_model(capped, cfg(), calibration_small, batch_size=BATCH, progress=False)
-    monkeypatch.setattr(calibrate, "REPLAY", False)
+    monkeypatch.setattr(replay, "REPLAY", False)
     model = copy.deepcopy(smollm2_small[0])
     report = quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
     ref = linears(model)
@@ -224,8 +224,8 @@ def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
     """A replayed output is reused only while untouched; after an in-place write downstream
     (or with no budget to record) the linear is computed again: every forward sees the true
     value."""
-    from babai_ao import calibrate
-    from babai_ao.calibrate import _Replay
+    from babai_ao.calibration import replay as replay_module
+    from babai_ao.calibration.replay import Replay
 
     class Counting(nn.Linear):
         computed = 0
@@ -250,8 +250,8 @@ def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
         toy, x = Toy(inplace), torch.randn(3, 4)
         with torch.no_grad():
             ref = toy(x)
-            replay = _Replay()
-            monkeypatch.setattr(calibrate, "REPLAY_BUDGET", budget)  # 0: nothing recorded
+            replay = Replay()
+            monkeypatch.setattr(replay_module, "REPLAY_BUDGET", budget)  # 0: nothing recorded
             replay.watch(toy.a, "a")
             Counting.computed = 0
             outs = [toy(x) for _ in range(3)]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from babai_ao import BabaiError, cli
-from babai_ao.runs import RUN_FILE
+from babai_ao.cli.output import atomic_directory
+from babai_ao.cli.runs import RUN_FILE
 
 SMALL_CALIB = ["--calib-windows", "2", "--calib-len", "64"]
 SMALL_EVAL = ["--windows", "1", "--seq-len", "128", "--no-progress"]
@@ -84,15 +85,15 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_atomic_directory_interrupted_and_replaced(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt), cli.atomic_directory(out, overwrite=False) as tmp:
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out, overwrite=False) as tmp:
         (tmp / "half.safetensors").write_bytes(b"x")
         raise KeyboardInterrupt
     assert _leftovers(tmp_path) == []
-    with cli.atomic_directory(out, overwrite=False) as tmp:
+    with atomic_directory(out, overwrite=False) as tmp:
         (tmp / "a").write_text("first")
-    with pytest.raises(BabaiError, match="--overwrite"), cli.atomic_directory(out, False):
+    with pytest.raises(BabaiError, match="--overwrite"), atomic_directory(out, False):
         pass
-    with cli.atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "b").write_text("second")
     assert _leftovers(tmp_path) == ["run"] and _leftovers(out) == ["b"]
 

@@ -11,9 +11,9 @@ from torchao.quantization import quantize_
 from transformers import TorchAoConfig
 
 from babai_ao import BabaiError, quantize_weight
-from babai_ao.config import BabaiConfig, babai_config
-from babai_ao.grid import dequantize as grid_dequantize
-from babai_ao.tensor import BabaiQuantizedTensor
+from babai_ao.ao.config import BabaiConfig, babai_config
+from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.lattice.grid import dequantize as grid_dequantize
 
 
 def mlp(seed: int = 0) -> torch.nn.Sequential:

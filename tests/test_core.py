@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from babai_ao import BabaiError, HessianAccumulator, babai_nearest_plane, quantize_weight
-from babai_ao.hessian import damped
-from babai_ao.ldl import pivots, quantization_order
+from babai_ao.lattice.hessian import damped
+from babai_ao.lattice.ldl import pivots, quantization_order
 
 F64 = torch.float64
 

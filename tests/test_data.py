@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from babai_ao import BabaiError
-from babai_ao.data import (
+from babai_ao.calibration.data import (
     calibration_windows,
     data_dir,
     read_text,

@@ -1,4 +1,4 @@
-"""Quantized token embeddings (``babai_ao.embedding``): eager, ExecuTorch and ONNX.
+"""Quantized token embeddings (``babai_ao.ao.embedding``): eager, ExecuTorch and ONNX.
 
 Eager: a lookup dequantizes only the gathered rows, with the same float operations as
 ``dequantize()``, so it equals the dequantized table's rows bit for bit (asserted against an
@@ -20,9 +20,9 @@ import torch
 from _export_util import accounted_bytes, activation_bound, cut_vocab, rounding_bound
 
 from babai_ao import quantize_embeddings_
-from babai_ao.embedding import babai_embedding_config
+from babai_ao.ao.embedding import babai_embedding_config
+from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.errors import BabaiError
-from babai_ao.tensor import BabaiQuantizedTensor
 
 torch.set_num_threads(1)
 V, D = 1024, 128

@@ -88,7 +88,7 @@ def test_smollm2_greedy_decode_equals_eager(tmp_path):
     from babai_ao.export.generate import greedy_eager, greedy_executorch
     from babai_ao.export.llm import export_llm_executorch
 
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=2)
     cut_vocab(model, 2048)  # the 49k×576 embedding dominates export time otherwise
@@ -104,7 +104,7 @@ def test_aten_unpack_matches_packing(bits):
     """The graph-side unpack (ATen integer ops) reads what ``packing.pack`` wrote."""
     from babai_ao.export.decompose import unpack_codes
 
-    from babai_ao.packing import pack
+    from babai_ao.formats.packing import pack
 
     codes = torch.randint(0, 2**bits, (5, 37))
     got = unpack_codes(pack(codes, bits), bits, 37)

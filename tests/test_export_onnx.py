@@ -80,7 +80,7 @@ def test_smollm2_greedy_decode_equals_eager(tmp_path):
     from babai_ao.export.generate import greedy_eager, greedy_onnx
     from babai_ao.export.llm import export_llm_onnx
 
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=2)
     cut_vocab(model, 2048)

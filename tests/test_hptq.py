@@ -10,7 +10,7 @@ from _formats_util import REAL_LAYERS, random_problem, real_layers, safetensors_
 from safetensors.torch import load_file, save_file
 
 from babai_ao import BabaiError, hptq, quantize_weight
-from babai_ao.ops import linear as babai_linear
+from babai_ao.ao.ops import linear as babai_linear
 
 
 def reference_codes(w, h, hw: hptq.HPTQWeight, order: str = "natural") -> torch.Tensor:
@@ -117,8 +117,8 @@ def test_babai_config_hptq_stores_the_stream_and_loads_decoded(tmp_path):
     )
     from torchao.quantization import quantize_
 
-    from babai_ao.config import BabaiConfig, babai_config
-    from babai_ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
+    from babai_ao.ao.config import BabaiConfig, babai_config
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
@@ -160,9 +160,9 @@ def test_quantize_model_with_no_clipping_formats(smollm2_small, calibration_smal
     import copy
 
     from babai_ao import quantize_model
-    from babai_ao.config import babai_config
-    from babai_ao.hptq_tensor import HuffmanQuantizedTensor
-    from babai_ao.tensor import BabaiQuantizedTensor
+    from babai_ao.ao.config import babai_config
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.ao.tensor import BabaiQuantizedTensor
 
     model = copy.deepcopy(smollm2_small[0])
     model.model.layers = model.model.layers[:1]

@@ -24,14 +24,14 @@ from babai_ao.kernels.configs import INTERPRET  # noqa: E402
 from babai_ao.kernels.cpu import linear_cpu, unpack_rows  # noqa: E402
 
 from babai_ao.errors import BabaiError  # noqa: E402
-from babai_ao.ops import dequantize_packed  # noqa: E402
-from babai_ao.packing import pack, unpack  # noqa: E402
+from babai_ao.formats.packed_weight import dequantize_packed  # noqa: E402
+from babai_ao.formats.packing import pack, unpack  # noqa: E402
 
 
 def test_kernels_can_run_here():
     assert INTERPRET or torch.cuda.is_available(), (
         "Triton kernels were defined without TRITON_INTERPRET=1 and there is no GPU: "
-        "tests/conftest.py must set it before babai_ao.ops is imported")
+        "tests/conftest.py must set it before babai_ao.ao.ops is imported")
 
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32

@@ -2,8 +2,8 @@
 
 ``tests/fixtures/pre_layout`` was written by the flat-layout code (``make.py`` there says
 how): transformers checkpoints whose ``config.json`` names ``BabaiConfig`` (found through
-torchao's module allow-list) and ``torch.save`` pickles that name ``babai_ao.tensor`` and
-``babai_ao.hptq_tensor``. Each is loaded in a fresh process, as a user would, and must give
+torchao's module allow-list) and ``torch.save`` pickles that name ``babai_ao.ao.tensor`` and
+``babai_ao.ao.hptq_tensor``. Each is loaded in a fresh process, as a user would, and must give
 the outputs the model gave before it was saved.
 """
 

@@ -106,7 +106,7 @@ def test_checker_on_generated_code():
 
 @pytest.mark.model
 def test_compiled_smollm2_packed_4bit():
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     torch.manual_seed(0)
     model, _ = load_smollm2(num_layers=2)

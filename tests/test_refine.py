@@ -11,7 +11,7 @@ from test_core import F64, brute_force_cvp, ill_conditioned_hessian
 
 from babai_ao import babai_config, quantize_weight
 from babai_ao.errors import BabaiError
-from babai_ao.refine import coordinate_descent
+from babai_ao.lattice.refine import coordinate_descent
 
 
 def error(w: torch.Tensor, qw, h: torch.Tensor) -> float:

@@ -53,7 +53,7 @@ def test_kernels_imported_before_babai_ao_is_the_installed_one() -> None:
     """transformers may import ``kernels`` first; babai-ao's ops then register once, later."""
     run_in_root("""
         import kernels
-        import babai_ao.kernels, babai_ao.ops, torch
+        import babai_ao.kernels, babai_ao.ao.ops, torch
         assert kernels is not babai_ao.kernels
         assert not any(m.startswith("kernels.") and "babai" in m for m in __import__("sys").modules)
         torch.ops.babai.linear  # registered exactly once (a second registration raises)

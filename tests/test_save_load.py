@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from torchao.quantization import quantize_
 
 from babai_ao import BabaiError
-from babai_ao.config import babai_config
-from babai_ao.hf import load_state_dict
-from babai_ao.tensor import BabaiQuantizedTensor
+from babai_ao.ao.config import babai_config
+from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.checkpoints.hf import load_state_dict
 
 DATA = ("qdata", "scale", "zero_point", "outlier_ptr", "outlier_idx", "outlier_val")
 
@@ -99,7 +99,7 @@ def test_mismatched_state_dicts_raise(tmp_path: Path) -> None:
 FRESH_LOAD = textwrap.dedent(f"""
     import json, sys, torch
     torch.set_num_threads(1)
-    import babai_ao.config  # registers babai-ao with torchao's and transformers' allow-lists
+    import babai_ao.ao.config  # registers babai-ao with torchao's and transformers' allow-lists
     from transformers import AutoModelForCausalLM
     path = sys.argv[1]
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
@@ -119,10 +119,10 @@ FRESH_LOAD = textwrap.dedent(f"""
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory):
-    """SmolLM2 (one block) saved by babai_ao.hf: k/v projections in SSQR form (with CSR
+    """SmolLM2 (one block) saved by babai_ao.checkpoints.hf: k/v projections in SSQR form (with CSR
     outliers), the other linears plain 4-bit (the SSQR rate search is kept to small layers)."""
     from babai_ao import hf
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(bits=4, group_size=64)
@@ -204,7 +204,7 @@ HPTQ_FRESH_LOAD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from babai_ao import hf
-    from babai_ao.hptq_tensor import decode_model
+    from babai_ao.ao.hptq_tensor import decode_model
     path = sys.argv[1]
     model = hf.from_pretrained(path)
     streams = {n: m.weight.nbytes_stored for n, m in model.named_modules()
@@ -221,8 +221,8 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
     """HPTQ (Huffman stream in safetensors) through transformers, loaded in a fresh process:
     the stream survives byte for byte and decodes to the same outputs."""
     from babai_ao import hf
-    from babai_ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
-    from babai_ao.models import load_smollm2
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
+    from babai_ao.calibration.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(clip="hptq", target_bits=3.3)
@@ -272,7 +272,7 @@ def test_quantized_embedding_save_pretrained_fresh_process(tmp_path: Path) -> No
     """4-bit tied embedding/lm_head + 4-bit linears through transformers, fresh process: the
     table comes back quantized, still tied to lm_head, stored once, same logits."""
     from babai_ao import hf, quantize_embeddings_
-    from babai_ao.models import load_smollm2
+    from babai_ao.calibration.models import load_smollm2
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(bits=4, group_size=64)

@@ -9,8 +9,8 @@ import torch
 from torchao.testing import utils as ao_testing
 
 from babai_ao import BabaiError, quantize_weight
-from babai_ao.grid import dequantize as grid_dequantize
-from babai_ao.tensor import BabaiQuantizedTensor
+from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.lattice.grid import dequantize as grid_dequantize
 
 # torchao's suites compare F.linear with the quantized weight to the float one by SQNR (dB).
 # 4-bit min-max groups of 32 on Gaussian weights give about 20 dB (step ≈ 4σ/15, noise
@@ -98,7 +98,7 @@ def test_every_matmul_route_equals_dequantized_math() -> None:
 
 def test_single_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
     """F.linear, mm and addmm all reach torch.ops.babai.linear through babai_linear."""
-    import babai_ao.tensor as tensor_mod
+    import babai_ao.ao.tensor as tensor_mod
 
     calls = []
     real = tensor_mod.babai_linear

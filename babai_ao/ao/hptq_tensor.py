@@ -1,0 +1,196 @@
+"""``HuffmanQuantizedTensor``: an HPTQ weight as stored — Huffman stream plus scale(s).
+
+Its data tensors are exactly ``hptq.HPTQWeight.tensors()`` (``bitstream``, ``symbols``,
+``lengths``, ``offsets``, ``header`` of ``babai_ao.formats.huffman``, and ``scale``), so safetensors
+checkpoints carry the bitstream and the stored bytes are the accounted bytes. Compute needs
+the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.compute_form``
+(8-bit codes + 128, zero 128, one group per row, CSR for codes past int8), and
+``decode_model(model)`` swaps every Huffman weight of a loaded model for it — the "loading
+decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized NumPy loop on
+CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
+that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
+CPU the reference, which decodes on every call (run ``decode_model`` there before timing,
+``torch.compile`` or export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor, fill_defaults
+
+from babai_ao._moved import old_names
+from babai_ao.errors import BabaiError
+from babai_ao.formats import huffman
+from babai_ao.formats.hptq import HPTQWeight, compute_form
+
+from . import ops  # noqa: F401  (registers babai::hptq_linear)
+from .tensor import (
+    FLOAT_DTYPES,
+    BabaiQuantizedTensor,
+    certificate_from_json,
+    certificate_to_json,
+)
+
+STREAM_NAMES = list(huffman.FIELDS)
+
+
+class HuffmanQuantizedTensor(TorchAOBaseTensor):
+    """An HPTQ/HRTN weight [N, K] in its stored (Huffman-coded) form."""
+
+    tensor_data_names = [*STREAM_NAMES, "scale"]
+    tensor_attribute_names = ["shape", "dtype"]
+    # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
+    optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
+
+    def __new__(cls, bitstream, symbols, lengths, offsets, header, scale, shape, dtype,
+                certificate_json=None, chunk=None, max_len=None):
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tuple(shape), dtype=dtype, device=bitstream.device, requires_grad=False)
+
+    def __init__(self, bitstream: torch.Tensor, symbols: torch.Tensor, lengths: torch.Tensor,
+                 offsets: torch.Tensor, header: torch.Tensor, scale: torch.Tensor, shape: Any,
+                 dtype: torch.dtype, certificate_json: str | None = None,
+                 chunk: int | None = None, max_len: int | None = None):
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+            raise BabaiError(f"an HPTQ weight is 2-D with a float dtype, got {shape}, {dtype}")
+        concrete = not is_fake(header) and header.device.type != "meta"  # not under tracing
+        if tuple(header.shape) != (3,) or (concrete and int(header[0]) != shape[0] * shape[1]):
+            raise BabaiError(f"the Huffman header does not describe a {shape[0]}×{shape[1]} "
+                             "weight: the checkpoint belongs to another layer or is corrupt")
+        if scale.numel() not in (1, shape[0]):
+            raise BabaiError(f"HPTQ scale must hold 1 or {shape[0]} values, got "
+                             f"{scale.numel()}: the checkpoint is corrupt")
+        self.bitstream, self.symbols, self.lengths = bitstream, symbols, lengths
+        self.offsets, self.header, self.scale = offsets, header, scale
+        self.certificate_json = certificate_json
+        if concrete:
+            stored = (int(header[1]), int(header[2]))
+            if (chunk, max_len) not in ((None, None), stored):
+                raise BabaiError(f"chunk/max_len {chunk}/{max_len} disagree with the stream "
+                                 f"header {stored}: the checkpoint is corrupt")
+            chunk, max_len = stored
+        self.chunk, self.max_len = int(chunk), int(max_len)
+
+    @classmethod
+    def from_hptq(cls, hw: HPTQWeight, dtype: torch.dtype = torch.float32
+                  ) -> HuffmanQuantizedTensor:
+        t = hw.tensors()
+        return cls(*(t[f"huffman_{n}"] for n in STREAM_NAMES), t["scales"],
+                   (hw.out_features, hw.in_features), dtype,
+                   certificate_to_json(hw.certificate))
+
+    def hptq_weight(self) -> HPTQWeight:
+        stream = huffman.HuffmanStream(*(getattr(self, n).cpu() for n in STREAM_NAMES))
+        return HPTQWeight(stream, self.scale.cpu(), int(self.shape[0]), int(self.shape[1]),
+                          self.certificate)  # type: ignore[arg-type]
+
+    @property
+    def certificate(self):
+        return certificate_from_json(self.certificate_json)
+
+    @property
+    def nbytes_stored(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                   for n in self.tensor_data_names)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes_stored / (int(self.shape[0]) * int(self.shape[1]))
+
+    def codes(self) -> torch.Tensor:
+        """Signed codes [N, K] on the weight's device (Triton decode kernel on CUDA)."""
+        n, k = (int(s) for s in self.shape)
+        if self.bitstream.is_cuda:
+            from babai_ao.kernels.huffman import decode_table, huffman_decode
+
+            table = decode_table(self.symbols, self.lengths, self.max_len)
+            flat = huffman_decode(self.bitstream, self.offsets, table, n * k, self.chunk,
+                                  self.max_len)
+            return flat.reshape(n, k)
+        return self.hptq_weight().codes()
+
+    def decode(self) -> BabaiQuantizedTensor:
+        """The compute form: an 8-bit ``BabaiQuantizedTensor`` (CSR beyond int8)."""
+        device = self.bitstream.device
+        row_scales = self.scale.expand(int(self.shape[0])).reshape(-1, 1)
+        args = compute_form(self.codes(), row_scales)
+        out = BabaiQuantizedTensor(
+            args["packed"].to(device), args["scales"].to(device), args["zeros"].to(device),
+            8, args["group_size"], tuple(self.shape), self.dtype,
+            *(None if args.get(n) is None else args[n].to(device)
+              for n in ("outlier_ptr", "outlier_idx", "outlier_val")))
+        out.certificate_json = self.certificate_json
+        return out
+
+    def _stable_hash_for_caching(self) -> str:
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        parts = [type(self).__qualname__, tuple(self.shape), str(self.dtype), self.chunk,
+                 self.max_len]
+        for name in self.tensor_data_names:
+            t = getattr(self, name)
+            parts.append((name, tuple(t.shape), str(t.dtype), str(t.device)))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.hptq_weight().dequantize(torch.float32)
+        return w.to(device=self.bitstream.device, dtype=output_dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"HuffmanQuantizedTensor(shape={tuple(self.shape)}, "
+                f"bits_per_weight={self.bits_per_weight:.3f}, dtype={self.dtype})")
+
+
+implements = HuffmanQuantizedTensor.implements
+implements_torch_function = HuffmanQuantizedTensor.implements_torch_function
+
+
+@implements(torch.ops.aten.linear.default)
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    x, weight, bias = fill_defaults(args, 3, [None])
+    bias = kwargs.get("bias", bias) if kwargs else bias
+    if not isinstance(weight, HuffmanQuantizedTensor):
+        raise BabaiError("a HuffmanQuantizedTensor can only be the weight of a linear")
+    return torch.ops.babai.hptq_linear(
+        x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
+        int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)
+
+
+@implements(torch.ops.aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """``.to(device, dtype)``: moves the stream; the dtype is the compute dtype (the codes and
+    scale stay as stored)."""
+    self = args[0]
+    kw = self._get_to_kwargs(*args[1:], **kwargs)
+    if kw["dtype"] not in FLOAT_DTYPES:
+        raise BabaiError(f"cannot cast an HPTQ weight to {kw['dtype']}: dequantize() first")
+    moved = [getattr(self, n).to(kw["device"], non_blocking=kw["non_blocking"])
+             for n in self.tensor_data_names]
+    new = HuffmanQuantizedTensor(*moved, tuple(self.shape), kw["dtype"], self.certificate_json,
+                                 self.chunk, self.max_len)
+    return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+def decode_model(model: nn.Module) -> int:
+    """Replace every ``HuffmanQuantizedTensor`` weight by its decoded compute form.
+
+    Returns the number of weights decoded.
+    """
+    count = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and isinstance(w.detach(), HuffmanQuantizedTensor):
+            module.weight = nn.Parameter(w.detach().decode(), requires_grad=False)
+            count += 1
+    return count
+
+
+torch.serialization.add_safe_globals([HuffmanQuantizedTensor, *old_names(HuffmanQuantizedTensor)])

@@ -1,0 +1,179 @@
+"""Checkpoints of babai-quantized models: transformers (safetensors) and ``torch.save``.
+
+A model quantized in place (``quantize_``, ``quantize_model``, observe/convert) is not yet
+known to transformers as a torchao model, so its ``save_pretrained`` would hand the tensor
+subclass to safetensors as is. ``save_pretrained(model, path, config)`` marks it the way
+``from_pretrained(..., quantization_config=TorchAoConfig(...))`` would (a ``TorchAoConfig``
+carrying the ``BabaiConfig`` and torchao's ``HfQuantizer``), then saves with safetensors:
+each ``BabaiQuantizedTensor`` is written as its plain tensors (``<module>._weight_qdata``,
+``_weight_scale``, ``_weight_zero_point``, outliers) plus JSON attributes in the header.
+
+``from_pretrained(path)`` registers babai-ao with torchao/transformers (``babai_ao.ao.config``),
+checks every ``*.safetensors`` file opens (a truncated or corrupt file raises
+``BabaiError`` naming it) and loads with ``AutoModelForCausalLM``; mismatches between the
+stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks.
+
+``load_state_dict(model, path)`` is ``torch.load`` + ``model.load_state_dict`` with the
+failures (unreadable file, wrong shape, other bits, other outlier layout) as ``BabaiError``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from babai_ao.errors import BabaiError
+
+
+def _is_babai_weight(module: nn.Module) -> bool:
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.ao.tensor import BabaiQuantizedTensor
+
+    return isinstance(getattr(module, "weight", None),
+                      (BabaiQuantizedTensor, HuffmanQuantizedTensor))
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
+                    **kwargs: Any) -> None:
+    """Save a babai-quantized transformers model (safetensors) so ``from_pretrained`` loads it."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from babai_ao.ao.config import BabaiConfig
+
+    if not isinstance(config, BabaiConfig):
+        raise BabaiError(f"config must be the BabaiConfig the model was quantized with, got "
+                         f"{type(config).__name__}: pass babai_ao.babai_config(...)")
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise BabaiError(f"{type(model).__name__} is not a transformers model: save its "
+                         "state_dict with torch.save instead")
+    if not any(_is_babai_weight(m) for m in model.modules()):
+        raise BabaiError("the model holds no babai-ao quantized weights (BabaiQuantizedTensor or "
+                         "HuffmanQuantizedTensor): quantize it first")
+    if kwargs.get("safe_serialization") is False:
+        raise BabaiError("babai-ao checkpoints are saved with safetensors: drop "
+                         "safe_serialization=False")
+    quantization_config = TorchAoConfig(quant_type=config)
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = quantization_config.quant_method
+    model.save_pretrained(path, **kwargs)
+    for name in _tied_quantized_duplicates(model):
+        _drop_from_checkpoint(Path(path), name)
+
+
+def _tied_quantized_duplicates(model: nn.Module) -> list[str]:
+    """Tied parameter names (``lm_head.weight``) whose quantized weight is the same tensor as
+    their source: transformers drops tied duplicates by name, but torchao's flattening
+    renames them (``lm_head._weight_qdata``), so the table would be written twice."""
+    from babai_ao.ao.tensor import BabaiQuantizedTensor
+
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [dst for dst, src in (tied.items() if isinstance(tied, dict) else [])
+            if dst in params and params[dst] is params.get(src)
+            and isinstance(params[dst].detach(), BabaiQuantizedTensor)]
+
+
+def _drop_from_checkpoint(path: Path, name: str) -> None:
+    """Remove parameter ``name``'s flattened tensors and metadata from the saved files (it is
+    re-tied on load)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = name.rsplit(".", 1)[0] + "._" + name.rsplit(".", 1)[1] + "_"
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            keys = list(h.keys())  # noqa: SIM118
+            if not any(k.startswith(prefix) for k in keys):
+                continue
+            meta = dict(h.metadata() or {})
+            tensors = {k: h.get_tensor(k) for k in keys if not k.startswith(prefix)}
+        meta.pop(name, None)
+        if "tensor_names" in meta:
+            meta["tensor_names"] = json.dumps([n for n in json.loads(meta["tensor_names"])
+                                               if n != name])
+        save_file(tensors, f, metadata=meta)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items()
+                              if not k.startswith(prefix) and k != name}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """Every ``*.safetensors`` file under ``path``, each opened once (``BabaiError`` if bad)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BabaiError(f"{path} holds no .safetensors file: save with "
+                         "babai_ao.checkpoints.hf.save_pretrained(model, path, config)")
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as h:
+                for key in h.keys():  # noqa: SIM118  (safe_open handles have no __iter__)
+                    h.get_slice(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BabaiError(f"checkpoint file {f} is truncated or corrupt ({e}): save the "
+                             "model again") from None
+    return files
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained` (``AutoModelForCausalLM``)."""
+    from transformers import AutoModelForCausalLM
+
+    from babai_ao.ao import config as _config  # noqa: F401  (registers babai-ao's classes)
+
+    check_checkpoint_files(path)
+    want_info = kwargs.pop("output_loading_info", False)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **kwargs)
+    except BabaiError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise BabaiError(f"could not load the babai-ao checkpoint {path}: {e}. The file does "
+                         "not match its metadata; save the model again") from e
+    # transformers logs a failed tensor rebuild and leaves the weight freshly initialized
+    problems = {k: info.get(k) for k in ("conversion_errors", "error_msgs", "missing_keys",
+                                         "mismatched_keys") if info.get(k)}
+    if problems:
+        raise BabaiError(f"the checkpoint {path} did not load cleanly: {problems}. Its tensors "
+                         "do not match their metadata or the model; save the model again")
+    return (model, info) if want_info else model
+
+
+def load_state_dict(model: nn.Module, checkpoint: str | os.PathLike | dict, *,
+                    assign: bool = False) -> nn.Module:
+    """Load a ``torch.save``'d state dict (path or dict) into ``model``; errors as BabaiError.
+
+    ``assign=True`` installs the stored tensors as they are (a float model becomes
+    quantized); ``assign=False`` copies into a model quantized with the same config.
+    """
+    from babai_ao.ao import tensor as _tensor  # noqa: F401  (allow-lists the subclass for weights_only)
+
+    if isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        try:
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise BabaiError(f"cannot read checkpoint {checkpoint} ({e}): the file is "
+                             "truncated or not a torch.save state dict; save it again") from None
+    try:
+        model.load_state_dict(state, assign=assign)
+    except RuntimeError as e:
+        raise BabaiError(f"the checkpoint does not fit this model: {e}") from None
+    return model

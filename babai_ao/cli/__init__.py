@@ -1,0 +1,15 @@
+"""The product: the ``babai-ao`` command, its demo, the run records it writes and their plots.
+
+``main`` parses and dispatches (``babai_ao.cli.main``); each command has its module
+(``quantize``, ``evaluate``, ``export``, ``report``, ``demo``), sharing ``sources`` (the
+MODEL argument) and ``output`` (messages, directories written atomically). ``runs`` reads
+and writes ``babai_run.json`` records, ``plots`` draws them. Every step is a library call
+from the layers below (``calibration``, ``checkpoints``, ``ao``, ``babai_ao.export``); nothing
+here is imported by them.
+"""
+
+from __future__ import annotations
+
+from .main import main
+
+__all__ = ["main"]

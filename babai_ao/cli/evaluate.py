@@ -1,0 +1,51 @@
+"""``babai-ao eval``: WikiText-2 perplexity (added to a run's record) and a greedy sample."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .output import say
+from .sources import load_model
+
+
+def evaluate(model: nn.Module, tokenizer: Any, windows: int | None, seq_len: int,
+             data_file: str | None = None, progress: bool = True) -> float:
+    """Perplexity on the WikiText-2 test split (or ``data_file``)."""
+    from babai_ao.calibration.data import test_tokens
+    from babai_ao.calibration.evaluate import perplexity
+
+    return perplexity(model, test_tokens(tokenizer, data_file), windows, seq_len, progress)
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` (eager ``model.generate``)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .runs import RUN_FILE, load_run, write_json
+
+    model, tokenizer = load_model(args.model, args.num_layers)
+    ppl = evaluate(model, tokenizer, args.windows, args.seq_len, args.data_file,
+                   not args.no_progress)
+    shown = "all" if args.windows is None else args.windows
+    say(f"perplexity {ppl:.3f} (WikiText-2 test, {shown} windows x {args.seq_len} tokens)")
+    run_dir = Path(args.model)
+    if run_dir.is_dir() and (run_dir / RUN_FILE).is_file():
+        record = load_run(run_dir)
+        record.update(ppl=ppl, windows=args.windows, seq_len=args.seq_len)
+        record.pop("label", None)
+        write_json(run_dir / RUN_FILE, record)
+    if args.generate:
+        say(f"{args.generate!r} -> {generate_text(model, tokenizer, args.generate, args.new_tokens)!r}")
+    return 0

@@ -1,0 +1,115 @@
+"""Run records: what a quantization run wrote (``babai_run.json``) and how to read it back.
+
+A record is a JSON object with the keys of ``benchmarks/p1.py``'s records, so both kinds
+feed the same report: ``method`` (``float``/``rtn``/``babai``), the grid (``bits``,
+``group_size``, ``order``, ``clip``, ``mode``), ``layers`` (one row per quantized linear:
+``name, trace_d, error, error_undamped, bound, clipped, bits_per_weight`` and, from
+sequential calibration, ``seconds, tokens``), ``avg_bits_per_weight`` (stored bytes of the
+quantized weights · 8 / their number of weights) and, once evaluated, ``ppl``, ``windows``,
+``seq_len``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from babai_ao.calibration.sequential import LayerReport, QuantizationReport, decoder_blocks
+from babai_ao.errors import BabaiError
+
+RUN_FILE = "babai_run.json"
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(qualified name, module)`` of every ``nn.Linear`` inside the decoder blocks."""
+    path, blocks = decoder_blocks(model)
+    return [(f"{path}.{i}.{n}", m) for i, b in enumerate(blocks)
+            for n, m in b.named_modules() if isinstance(m, nn.Linear)]
+
+
+def certificate_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer rows read from the certificates that quantized weights carry."""
+    rows = []
+    for name, lin in decoder_linears(model):
+        cert = getattr(lin.weight, "certificate", None)
+        if cert is None:
+            continue
+        rows.append({"name": name, "trace_d": cert.trace_d, "error": cert.error,
+                     "error_undamped": cert.error_undamped, "bound": cert.bound,
+                     "clipped": cert.clipped, "bits_per_weight": cert.bits_per_weight,
+                     "bound_holds": cert.bound_holds})
+    return rows
+
+
+def report_rows(report: QuantizationReport) -> list[dict[str, Any]]:
+    """Rows of a ``quantize_model`` report as JSON-able dicts."""
+    return [{**asdict(r), "bound_holds": r.bound_holds} for r in report.rows]
+
+
+def stored_bits_per_weight(model: nn.Module) -> float | None:
+    """Average stored bits per weight of the quantized decoder linears (``None``: none are).
+
+    Counts the bytes of every stored tensor of a weight (codes, scales, zeros, outliers).
+    """
+    bits, count = 0.0, 0
+    for _, lin in decoder_linears(model):
+        w = lin.weight.detach()
+        numel = w.shape[0] * w.shape[1]
+        stored = getattr(w, "nbytes_stored", None)
+        cert = getattr(w, "certificate", None)
+        if stored is not None:
+            bits += 8 * int(stored)
+        elif cert is not None:  # e.g. a Huffman-coded weight: its certificate counts bytes
+            bits += cert.bits_per_weight * numel
+        else:
+            continue
+        count += numel
+    return bits / count if count else None
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write ``record`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=_jsonable))
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run record from a run directory (its ``babai_run.json``) or a ``.json`` file."""
+    p = Path(path)
+    file = p / RUN_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise BabaiError(f"{path} holds no run record ({RUN_FILE}): pass a directory written "
+                         "by `babai-ao quantize` or a JSON file from benchmarks/p1.py")
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise BabaiError(f"{file} is not a readable JSON run record ({e}): quantize again "
+                         "to rewrite it") from None
+    if not isinstance(record, dict):
+        raise BabaiError(f"{file} is not a run record (a JSON object): quantize again")
+    record.setdefault("label", p.stem if p.is_file() else p.name)
+    return record
+
+
+def layer_table(record: dict[str, Any]) -> str:
+    """Markdown table of a record's layers (``QuantizationReport.to_markdown``)."""
+    names = [f.name for f in fields(LayerReport)]
+    rows = [LayerReport(**{n: row.get(n, 0) for n in names}) for row in record.get("layers", [])]
+    return QuantizationReport(mode=str(record.get("mode", "")), rows=rows).to_markdown()

@@ -1,0 +1,198 @@
+"""``quantize_weight``: one linear layer's weight, quantized by Babai's nearest plane.
+
+The result carries a certificate: LDL pivots ``d_j`` (quantization order), the exact output
+error ``E = tr((W−Q) H (W−Q)ᵀ)``, the identity ``Σ_rows Σ_j d_j r_j²`` (equal to ``E``), and
+Babai's bound ``B = ¼ Σ_rows Σ_j d_j s²_{row,group(j)}``, which holds (``E ≤ B``) whenever no
+code was clipped. ``hessian=None`` means ``H = I``: plain round-to-nearest on the same grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from babai_ao.errors import BabaiError
+
+from .babai import nearest_plane
+from .grid import Grid, dequantize
+from .hessian import damped, validate_hessian
+from .ldl import inverse_cholesky, quantization_order
+from .refine import coordinate_descent
+
+SCALE_BITS = 16
+
+
+@dataclass
+class Certificate:
+    """What Babai guarantees for one quantized matrix (see module docstring)."""
+
+    pivots: torch.Tensor  # d_j in quantization order
+    error: float  # tr((W−Q) H_damped (W−Q)ᵀ)
+    error_undamped: float  # tr((W−Q) H (W−Q)ᵀ) ≤ error
+    identity: float  # Σ d_j r_j² of the Babai pass: equals ``error`` unless refined
+    bound: float  # ¼ Σ d_j s_j²; valid when clipped == 0
+    clipped: int  # codes that were clamped to the grid's range
+    bits_per_weight: float
+    damp_lambda: float = 0.0
+    dead_columns: list[int] = field(default_factory=list)
+    order: str = "natural"
+
+    @property
+    def trace_d(self) -> float:
+        return float(self.pivots.sum())
+
+    @property
+    def bound_holds(self) -> bool:
+        return self.clipped == 0 and self.error <= self.bound * (1 + 1e-6)
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {"order": self.order, "trace_d": self.trace_d, "error": self.error,
+                "error_undamped": self.error_undamped, "bound": self.bound,
+                "clipped": self.clipped, "bits_per_weight": self.bits_per_weight,
+                "dead_columns": len(self.dead_columns)}
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes in the weight's own column order; ``W ≈ s[:, k//g] · (q − z[:, k//g])``."""
+
+    codes: torch.Tensor  # int32 [N, K]; in [0, 2^b − 1] when clipped, unbounded otherwise
+    scales: torch.Tensor  # [N, K // g], values exact in grid.scale_dtype
+    zeros: torch.Tensor  # int32 [N, K // g]
+    perm: torch.Tensor  # quantization order (int64 [K])
+    group_size: int
+    grid: Grid
+    certificate: Certificate
+
+    @property
+    def error(self) -> float:
+        return self.certificate.error
+
+    @property
+    def bound(self) -> float:
+        return self.certificate.bound
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scales.to(dtype), self.zeros, self.group_size)
+
+
+def _check_weight(weight: torch.Tensor, group_size: int | None) -> int:
+    if weight.dim() != 2:
+        raise BabaiError(f"weight must be 2-D [out_features, in_features], got shape "
+                         f"{tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise BabaiError(f"weight must be a float tensor, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise BabaiError("weight contains NaN/Inf: fix the checkpoint before quantizing")
+    k = weight.shape[1]
+    g = k if group_size in (None, -1) else int(group_size)
+    if g <= 0 or k % g:
+        raise BabaiError(f"group_size={group_size} does not divide in_features={k}: choose a "
+                         f"divisor of {k} (e.g. 32, 64) or group_size=None for per-channel")
+    return g
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    order: str = "natural",
+    clip: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+    static_groups: bool | None = None,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float16,
+    refine: int = 0,
+) -> QuantizedWeight:
+    """Quantize ``weight`` [N, K] against ``hessian`` [K, K] (``XᵀX`` of the layer's inputs).
+
+    Groups run along the input dimension (``group_size=None``: one group per row). With the
+    natural order a group's scale and zero are fixed from the error-updated weights when the
+    group is reached (GPTQ's lazy grouping); with any other order, or ``static_groups=True``,
+    from the original weights up front, so groups stay contiguous in storage. Explicit
+    ``scales``/``zeros`` [N, K // g] fix the grid (used by the no-clipping formats).
+    ``refine`` > 0 runs that many coordinate-descent sweeps after Babai
+    (``babai_ao.lattice.refine``): the error can only go down, ``identity`` keeps Babai's own.
+    """
+    grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype)
+    g = _check_weight(weight, group_size)
+    n, k = weight.shape
+    w = weight.detach().to(dtype).clone()
+    if hessian is None:
+        h0 = torch.eye(k, dtype=dtype, device=w.device)
+    else:
+        validate_hessian(hessian, k)
+        h0 = hessian.detach().to(dtype=dtype, device=w.device)
+    h, lam, dead = damped(h0, damp)
+    w[:, dead] = 0
+    perm = quantization_order(h, order)
+    upper = inverse_cholesky(h[perm][:, perm])
+    ngroups = k // g
+    if (scales is None) != (zeros is None):
+        raise BabaiError("pass both scales and zeros (or neither)")
+    if scales is not None:
+        if scales.shape != (n, ngroups) or zeros.shape != (n, ngroups):
+            raise BabaiError(f"scales/zeros must have shape ({n}, {ngroups})")
+        scale, zero = scales.to(dtype).clone(), zeros.to(dtype).clone()
+        static = True
+    else:
+        static = order != "natural" or g == k if static_groups is None else static_groups
+        static = static or hessian is None  # H = I: no feedback, lazy grids equal static ones
+        if static:
+            scale, zero = grid.fit(w.reshape(n, ngroups, g))
+        else:
+            scale = torch.empty(n, ngroups, dtype=dtype, device=w.device)
+            zero = torch.empty_like(scale)
+    group_of = (perm // g).tolist()
+
+    def grid_at(j: int, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gi = group_of[j]
+        if not static and j % g == 0:
+            scale[:, gi], zero[:, gi] = grid.fit(rest[:g].T)
+        return scale[:, gi], zero[:, gi]
+
+    if not static and block_size % g:
+        block_size = g * max(1, block_size // g)  # a lazy group must lie inside one block
+    if hessian is None:  # H = I: U is diagonal, nothing is fed forward; Babai is rounding
+        wp, cols = w[:, perm], (perm // g)
+        codes_p = grid.round(wp, scale[:, cols], zero[:, cols])
+        resid_p = wp - scale[:, cols] * (codes_p - zero[:, cols])
+    else:
+        codes_p, resid_p = nearest_plane(w[:, perm], upper, grid, grid_at, block_size)
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    if refine and hessian is not None:
+        cols = torch.arange(k, device=w.device) // g
+        codes, _ = coordinate_descent(w, codes, scale[:, cols], zero[:, cols], h,
+                                      grid.maxq if clip else None, refine, block_size)
+
+    d = upper.diagonal().pow(-2)
+    q = dequantize(codes, scale, zero, g)
+    diff = w - q
+    step2 = scale.pow(2)[:, perm // g]  # s² per (row, quantization step)
+    half = 0.5 * scale[:, perm // g]
+    clipped = int((resid_p.abs() > half * (1 + 1e-5) + 1e-12).sum()) if clip else 0
+    zero_bits = bits  # zeros are stored packed at the code width
+    error = float(((diff @ h) * diff).sum())
+    cert = Certificate(
+        pivots=d,
+        error=error,
+        error_undamped=error - lam * float(diff.pow(2).sum()),  # H = H0 + λI off dead columns
+        identity=float((resid_p.pow(2) * d).sum()),
+        bound=float(0.25 * (step2 * d).sum()),
+        clipped=clipped,
+        bits_per_weight=bits + (SCALE_BITS + zero_bits) / g,
+        damp_lambda=lam,
+        dead_columns=dead.tolist(),
+        order=order,
+    )
+    return QuantizedWeight(
+        codes=codes.to(torch.int32), scales=scale.to(scale_dtype), zeros=zero.to(torch.int32),
+        perm=perm, group_size=g, grid=grid, certificate=cert)
