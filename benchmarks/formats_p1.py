@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from babai_ao import hptq, ssqr
 from babai_ao.calibration.data import calibration_windows
 from babai_ao.calibration.evaluate import perplexity
 from babai_ao.calibration.models import cache_dir, load_smollm2
 from babai_ao.calibration.sequential import decoder_blocks
+from babai_ao.formats import hptq, ssqr
 from babai_ao.formats.packing import pack
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import quantize_weight

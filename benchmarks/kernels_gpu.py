@@ -141,7 +141,7 @@ def hptq_rows(chunk: int, bw: float) -> list[dict]:
     """Decode throughput and in-matmul decode latency of HPTQ streams (first three shapes)."""
     from babai_ao.kernels.huffman import decode_table, huffman_decode
 
-    from babai_ao import huffman
+    from babai_ao.formats import huffman
 
     rows = []
     for n, k in SHAPES[:3]:

@@ -24,7 +24,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op
 
-from babai_ao import ops
+from babai_ao.ao import ops
 
 from .cpu import linear_cpu
 from .dequant import launch_dequant

@@ -45,8 +45,8 @@ from functorch.compile import aot_function  # noqa: E402
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from babai_ao import huffman  # noqa: E402
 from babai_ao.ao.tensor import BabaiQuantizedTensor  # noqa: E402
+from babai_ao.formats import huffman  # noqa: E402
 
 _MODE = FakeTensorMode(allow_non_fake_inputs=True)
 

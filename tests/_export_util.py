@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from babai_ao import ssqr
 from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.formats import ssqr
 
 U = 2.0**-24  # float32 unit roundoff
 GELU_LIP = 1.13  # max |GELU'(x)| ≈ 1.129

@@ -102,15 +102,17 @@ def test_ctrl_c_during_save_exits_130_and_leaves_no_directory(capsys, tmp_path, 
     class Tok:
         pass
 
-    monkeypatch.setattr(cli, "load_model", lambda source, n=None: (object(), Tok()))
-    monkeypatch.setattr(cli, "make_config", lambda args: None)
-    monkeypatch.setattr(cli, "quantize_loaded", lambda *a, **k: {"method": "babai"})
+    from babai_ao.cli import quantize as command  # `babai-ao quantize`
+
+    monkeypatch.setattr(command, "load_model", lambda source, n=None: (object(), Tok()))
+    monkeypatch.setattr(command, "make_config", lambda args: None)
+    monkeypatch.setattr(command, "quantize_loaded", lambda *a, **k: {"method": "babai"})
 
     def save(model, tokenizer, config, record, directory):
         (directory / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "save_run", save)
+    monkeypatch.setattr(command, "save_run", save)
     code, _, err = run_cli(capsys, "quantize", "smollm2", "--out", str(tmp_path / "run"))
     assert code == 130 and "interrupted" in err
     assert _leftovers(tmp_path) == []

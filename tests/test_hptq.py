@@ -9,8 +9,9 @@ import torch
 from _formats_util import REAL_LAYERS, random_problem, real_layers, safetensors_payload
 from safetensors.torch import load_file, save_file
 
-from babai_ao import BabaiError, hptq, quantize_weight
+from babai_ao import BabaiError, quantize_weight
 from babai_ao.ao.ops import linear as babai_linear
+from babai_ao.formats import hptq
 
 
 def reference_codes(w, h, hw: hptq.HPTQWeight, order: str = "natural") -> torch.Tensor:

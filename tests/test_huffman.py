@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from babai_ao import BabaiError
-from babai_ao import huffman as hf
+from babai_ao.formats import huffman as hf
 
 
 def heap_huffman_cost(counts: list[int]) -> int:

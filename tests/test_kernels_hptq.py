@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 from _formats_util import random_problem  # noqa: E402
 from babai_ao.kernels.huffman import decode_table, hptq_matmul, huffman_decode  # noqa: E402
 
-from babai_ao import BabaiError, hptq, huffman  # noqa: E402
+from babai_ao import BabaiError  # noqa: E402
 from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor  # noqa: E402
+from babai_ao.formats import hptq, huffman  # noqa: E402
 
 
 def _codes(kind: str, n: int, seed: int) -> torch.Tensor:

@@ -121,8 +121,8 @@ FRESH_LOAD = textwrap.dedent(f"""
 def saved(tmp_path_factory: pytest.TempPathFactory):
     """SmolLM2 (one block) saved by babai_ao.checkpoints.hf: k/v projections in SSQR form (with CSR
     outliers), the other linears plain 4-bit (the SSQR rate search is kept to small layers)."""
-    from babai_ao import hf
     from babai_ao.calibration.models import load_smollm2
+    from babai_ao.checkpoints import hf
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(bits=4, group_size=64)
@@ -176,7 +176,7 @@ def test_save_pretrained_from_pretrained_fresh_process(saved) -> None:
 
 @pytest.mark.model
 def test_corrupt_transformers_checkpoints_raise(saved, tmp_path: Path) -> None:
-    from babai_ao import hf
+    from babai_ao.checkpoints import hf
 
     _, path = saved
     files = list(Path(path).glob("*.safetensors"))
@@ -203,7 +203,7 @@ def test_corrupt_transformers_checkpoints_raise(saved, tmp_path: Path) -> None:
 HPTQ_FRESH_LOAD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from babai_ao import hf
+    from babai_ao.checkpoints import hf
     from babai_ao.ao.hptq_tensor import decode_model
     path = sys.argv[1]
     model = hf.from_pretrained(path)
@@ -220,9 +220,9 @@ HPTQ_FRESH_LOAD = textwrap.dedent("""
 def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> None:
     """HPTQ (Huffman stream in safetensors) through transformers, loaded in a fresh process:
     the stream survives byte for byte and decodes to the same outputs."""
-    from babai_ao import hf
     from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model
     from babai_ao.calibration.models import load_smollm2
+    from babai_ao.checkpoints import hf
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(clip="hptq", target_bits=3.3)
@@ -256,7 +256,7 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
 EMBEDDING_FRESH_LOAD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from babai_ao import hf
+    from babai_ao.checkpoints import hf
     path = sys.argv[1]
     model = hf.from_pretrained(path)
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
@@ -271,8 +271,9 @@ EMBEDDING_FRESH_LOAD = textwrap.dedent("""
 def test_quantized_embedding_save_pretrained_fresh_process(tmp_path: Path) -> None:
     """4-bit tied embedding/lm_head + 4-bit linears through transformers, fresh process: the
     table comes back quantized, still tied to lm_head, stored once, same logits."""
-    from babai_ao import hf, quantize_embeddings_
+    from babai_ao import quantize_embeddings_
     from babai_ao.calibration.models import load_smollm2
+    from babai_ao.checkpoints import hf
 
     model, _ = load_smollm2(num_layers=1)
     cfg = babai_config(bits=4, group_size=64)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from _formats_util import REAL_LAYERS, random_problem, real_layers, safetensors_payload
 
-from babai_ao import BabaiError, outliers, quantize_weight, ssqr
+from babai_ao import BabaiError, quantize_weight
 from babai_ao.ao.ops import linear as babai_linear
+from babai_ao.formats import outliers, ssqr
 
 
 def reference_codes(w, h, sw: ssqr.SSQRWeight) -> torch.Tensor:

@@ -40,7 +40,8 @@ def data_dir() -> Path:
     env = os.environ.get("BABAI_AO_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]  # babai_ao/calibration/data.py
+    return repo.parent / "shared" / "data"
 
 
 def _resolve(path: str | os.PathLike[str] | None, default: str) -> Path:
