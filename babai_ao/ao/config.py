@@ -24,7 +24,6 @@ load back with ``from_pretrained`` after ``import babai_ao.ao.config``.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -129,9 +128,6 @@ class BabaiConfig(AOBaseConfig):
                                damp=self.damp)
             return HuffmanQuantizedTensor.from_hptq(hw, dtype)  # type: ignore[return-value]
         if self.clip == "ssqr":
-            if importlib.util.find_spec(f"{__package__}.ssqr") is None:
-                raise BabaiError("clip='ssqr' needs babai_ao.formats.ssqr, which this installation "
-                                 "lacks: reinstall babai-ao")
             from babai_ao.formats import ssqr
 
             kwargs: dict[str, Any] = {}
