@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from babai_ao.calibration.sequential import LayerReport, QuantizationReport, decoder_blocks
+from babai_ao.calibration.blocks import decoder_blocks
+from babai_ao.calibration.report import LayerReport, QuantizationReport
 from babai_ao.errors import BabaiError
 
 RUN_FILE = "babai_run.json"
