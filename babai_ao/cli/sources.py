@@ -16,7 +16,7 @@ SMOLLM2 = "smollm2"
 
 def keep_first_blocks(model: nn.Module, num_layers: int | None) -> None:
     """Cut the decoder block list to its first ``num_layers`` blocks (``None``: keep all)."""
-    from babai_ao.calibration.sequential import decoder_blocks
+    from babai_ao.calibration.blocks import decoder_blocks
 
     if num_layers is None:
         return
