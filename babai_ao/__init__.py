@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import _moved
+from . import _after_import, _moved
 from .errors import BabaiError
 from .lattice.babai import babai_nearest_plane, nearest_plane
 from .lattice.grid import Grid
@@ -36,6 +36,25 @@ from .lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 __version__ = "0.1.0"
 
 _moved.install()
+
+
+def _allow_babai_config(torchao_config: Any) -> None:
+    """torchao rebuilds configs from JSON only from allow-listed modules: add ours, so
+    ``from_pretrained`` of a saved babai-ao model finds ``BabaiConfig``."""
+    from .ao.integration import CONFIG_MODULE
+
+    torchao_config.ALLOWED_AO_MODULES.add(CONFIG_MODULE)
+
+
+def _route_save_pretrained(modeling_utils: Any) -> None:
+    """``model.save_pretrained`` of a model holding babai-ao weights saves it as babai-ao's."""
+    from .checkpoints.hf import patch_save_pretrained
+
+    patch_save_pretrained(modeling_utils.PreTrainedModel)
+
+
+_after_import.after_import("torchao.core.config", _allow_babai_config)
+_after_import.after_import("transformers.modeling_utils", _route_save_pretrained)
 
 # name -> module that defines it (imported on first access)
 _LAZY = {
@@ -53,9 +72,16 @@ _LAZY = {
 }
 
 
+# modules reachable as attributes after a plain ``import babai_ao`` (``babai_ao.hf`` …)
+_SUBMODULES = ("lattice", "formats", "ao", "calibration", "checkpoints", "cli", "kernels",
+               "passes", "export")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES or f"{__name__}.{name}" in _moved.MOVED:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'babai_ao' has no attribute {name!r}")
 
 

@@ -25,6 +25,7 @@ load back with ``from_pretrained`` after ``import babai_ao.ao.config``.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,11 @@ class BabaiConfig(AOBaseConfig):
         if self.clip == "ssqr" and self.symmetric:
             raise BabaiError("clip='ssqr' uses asymmetric shrunk grids: set symmetric=False")
 
+    def applied_to(self, module: nn.Module) -> None:
+        """Remember that ``module``'s weight was quantized with this config (for
+        ``model.save_pretrained``, which must write the config: ``applied_config``)."""
+        _APPLIED[module] = self
+
     def quantize_tensor(self, weight: torch.Tensor, hessian: torch.Tensor | None = None,
                         dtype: torch.dtype | None = None) -> BabaiQuantizedTensor:
         """One weight [N, K] quantized against ``hessian`` (``None``: ``H = I``) as a tensor.
@@ -157,6 +163,14 @@ def babai_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = 
                        refine=refine)
 
 
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, BabaiConfig] = weakref.WeakKeyDictionary()
+
+
+def applied_config(model: nn.Module) -> BabaiConfig | None:
+    """The ``BabaiConfig`` that quantized a linear of ``model`` in this process, if any."""
+    return next((_APPLIED[m] for m in model.modules() if m in _APPLIED), None)
+
+
 @register_quantize_module_handler(BabaiConfig)
 def _babai_transform(module: nn.Module, config: BabaiConfig, *,
                      parameter_name: str = "weight") -> nn.Module:
@@ -183,6 +197,7 @@ def _babai_transform(module: nn.Module, config: BabaiConfig, *,
         config._warned_no_hessian = True  # once per config (not a field: not serialized)
     module.weight = nn.Parameter(config.quantize_tensor(weight, hessian, weight.dtype),
                                  requires_grad=False)
+    config.applied_to(module)
     return module
 
 

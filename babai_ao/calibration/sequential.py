@@ -191,6 +191,8 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
             qw = quantize_weight(linear.weight.detach(), acc.hessian, **qkwargs)
             install(linear, qw)
             c = qw.certificate
+        if hasattr(config, "applied_to"):  # a BabaiConfig: remembered for save_pretrained
+            config.applied_to(linear)
         rows.append(LayerReport(
             name=f"{prefix}.{name}", trace_d=c.trace_d, error=c.error,
             error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,

@@ -13,12 +13,20 @@ checks every ``*.safetensors`` file opens (a truncated or corrupt file raises
 ``BabaiError`` naming it) and loads with ``AutoModelForCausalLM``; mismatches between the
 stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks.
 
+Once ``babai_ao`` is imported, the plain Hugging Face calls work too: ``model.save_pretrained
+(path)`` of a model holding babai-ao weights runs ``save_pretrained`` here (the config is
+the one that quantized it in this process, or the one it was loaded with; otherwise it
+stops before writing anything and says to pass it), and
+``AutoModelForCausalLM.from_pretrained(path)`` finds ``BabaiConfig`` (``babai_ao/__init__.py``
+wires both up when transformers and torchao are imported).
+
 ``load_state_dict(model, path)`` is ``torch.load`` + ``model.load_state_dict`` with the
 failures (unreadable file, wrong shape, other bits, other outlier layout) as ``BabaiError``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -37,34 +45,103 @@ def _is_babai_weight(module: nn.Module) -> bool:
                       (BabaiQuantizedTensor, HuffmanQuantizedTensor))
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any,
-                    **kwargs: Any) -> None:
-    """Save a babai-quantized transformers model (safetensors) so ``from_pretrained`` loads it."""
+def save_pretrained(model: nn.Module, path: str | os.PathLike, config: Any = None,
+                    *args: Any, **kwargs: Any) -> None:
+    """Save a babai-quantized transformers model (safetensors) so ``from_pretrained`` loads it.
+
+    ``config``: the ``BabaiConfig`` the model was quantized with; ``None`` takes the one that
+    quantized it in this process (``quantize_model``, ``quantize_``), or the one it was
+    loaded with. Extra arguments go to transformers' ``save_pretrained``. This is also what
+    ``model.save_pretrained(path)`` runs for a model holding babai-ao weights once
+    ``babai_ao`` is imported (``patch_save_pretrained``).
+    """
+    if kwargs.get("safe_serialization") is False:
+        raise BabaiError("babai-ao checkpoints are saved with safetensors: drop "
+                         "safe_serialization=False")
+    _mark_quantized(model, config)
+    _transformers_save(model, path, *args, **kwargs)
+    for name in _tied_quantized_duplicates(model):
+        _drop_from_checkpoint(Path(path), name)
+
+
+def _mark_quantized(model: nn.Module, config: Any) -> None:
+    """Check ``model`` and mark it as torchao-quantized for transformers, as
+    ``from_pretrained(..., quantization_config=TorchAoConfig(...))`` would; all checks run
+    before anything is written."""
     from transformers import TorchAoConfig
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from babai_ao.ao.config import BabaiConfig
+    from babai_ao.ao.config import BabaiConfig, applied_config
 
-    if not isinstance(config, BabaiConfig):
-        raise BabaiError(f"config must be the BabaiConfig the model was quantized with, got "
-                         f"{type(config).__name__}: pass babai_ao.babai_config(...)")
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise BabaiError(f"{type(model).__name__} is not a transformers model: save its "
                          "state_dict with torch.save instead")
     if not any(_is_babai_weight(m) for m in model.modules()):
         raise BabaiError("the model holds no babai-ao quantized weights (BabaiQuantizedTensor or "
                          "HuffmanQuantizedTensor): quantize it first")
-    if kwargs.get("safe_serialization") is False:
-        raise BabaiError("babai-ao checkpoints are saved with safetensors: drop "
-                         "safe_serialization=False")
+    if config is None and getattr(model, "hf_quantizer", None) is not None:
+        return  # loaded quantized (or marked before): transformers knows how to save it
+    config = config if config is not None else applied_config(model)
+    if config is None:
+        raise BabaiError("this model's babai-ao weights were not quantized in this process, so "
+                         "the BabaiConfig to write in config.json is unknown: save with "
+                         "babai_ao.hf.save_pretrained(model, path, babai_ao.babai_config(...))")
+    if not isinstance(config, BabaiConfig):
+        raise BabaiError(f"config must be the BabaiConfig the model was quantized with, got "
+                         f"{type(config).__name__}: save with babai_ao.hf.save_pretrained(model, "
+                         "path, babai_ao.babai_config(...))")
     quantization_config = TorchAoConfig(quant_type=config)
     model.config.quantization_config = quantization_config
     model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = quantization_config.quant_method
-    model.save_pretrained(path, **kwargs)
-    for name in _tied_quantized_duplicates(model):
-        _drop_from_checkpoint(Path(path), name)
+
+
+_ORIGINAL_SAVE: dict[type, Any] = {}
+
+
+def _transformers_save(model: nn.Module, path: str | os.PathLike, *args: Any,
+                       **kwargs: Any) -> None:
+    """transformers' own ``save_pretrained`` (the one :func:`patch_save_pretrained` wrapped)."""
+    cls = next((c for c in type(model).__mro__ if c in _ORIGINAL_SAVE), None)
+    save = _ORIGINAL_SAVE[cls] if cls is not None else type(model).save_pretrained
+    # A model loaded by from_pretrained keeps the weight conversions it was loaded with, to
+    # undo them on save; torchao's tensor rebuild has no inverse (transformers raises
+    # NotImplementedError) and needs none: the quantizer flattens the tensors again.
+    loaded_with = getattr(model, "_weight_conversions", None)
+    if loaded_with:
+        model._weight_conversions = [c for c in loaded_with if _reversible(c)]
+    try:
+        save(model, path, *args, **kwargs)
+    finally:
+        if loaded_with:
+            model._weight_conversions = loaded_with
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def patch_save_pretrained(pretrained_model: type) -> None:
+    """Route ``model.save_pretrained(path)`` of models holding babai-ao weights through
+    :func:`save_pretrained` (other models are untouched). Idempotent."""
+    if pretrained_model in _ORIGINAL_SAVE:
+        return
+    original = pretrained_model.save_pretrained
+    _ORIGINAL_SAVE[pretrained_model] = original
+
+    @functools.wraps(original)
+    def save(self: nn.Module, save_directory: str | os.PathLike, *args: Any,
+             **kwargs: Any) -> Any:
+        if not any(_is_babai_weight(m) for m in self.modules()):
+            return original(self, save_directory, *args, **kwargs)
+        return save_pretrained(self, save_directory, None, *args, **kwargs)
+
+    pretrained_model.save_pretrained = save
 
 
 def _tied_quantized_duplicates(model: nn.Module) -> list[str]:
