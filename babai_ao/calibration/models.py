@@ -36,11 +36,16 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def fp32_copy_dir() -> Path:
+    """Where the float32 copy of SmolLM2 is (or will be) kept."""
+    return cache_dir() / "SmolLM2-135M-Instruct-fp32"
+
+
 def _fp32_copy() -> Path:
     """Directory of the float32 safetensors copy, made from the GGUF on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "SmolLM2-135M-Instruct-fp32"
+    target = fp32_copy_dir()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     gguf = smollm2_gguf()

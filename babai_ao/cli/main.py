@@ -17,6 +17,7 @@ import torch
 from babai_ao import __version__
 from babai_ao.errors import BabaiError
 
+from . import preflight
 from .evaluate import cmd_eval
 from .export import EXPORT_MODES, cmd_export
 from .quantize import cmd_quantize
@@ -168,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
+        preflight.check(args)  # every argument, before any model is loaded
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except KNOWN_ERRORS as e:
         print(f"babai-ao: error: {e}", file=sys.stderr)

@@ -53,11 +53,6 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         from babai_ao.calibration.data import calibration_windows
         from babai_ao.calibration.sequential import quantize_model
 
-        # TODO(lead): drop once quantize_model applies the formats via config.quantize_tensor
-        if args.clip in ("ssqr", "hptq"):
-            raise BabaiError(f"--clip {args.clip} with --mode {args.mode} is not wired into "
-                             "sequential calibration yet: use --mode rtn for this format")
-
         calib = calibration_windows(tokenizer, args.calib_file, n=args.calib_windows,
                                     seq_len=args.calib_len, seed=args.seed)
         record["calibration"] = {"file": args.calib_file or "wiki.valid.tokens (default)",

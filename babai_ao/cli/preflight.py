@@ -1,0 +1,219 @@
+"""Checks of a command's arguments, against each other and against the model, before any work.
+
+Everything here reads the arguments, file headers and the model's config (never its
+weights), so a bad request fails in a second with one line, ``babai-ao: error: <problem>:
+<fix>``, before a model is loaded, a calibration runs or an output directory exists:
+
+* numbers in range (windows, lengths, token counts, threads, blocks to keep);
+* sequence lengths against the model's context, ``--num-layers`` against its depth;
+* ``--group-size`` against every decoder linear's ``in_features`` (from the config);
+* combinations: the no-clipping formats' rate arguments, ``--clip false`` (the packed
+  format cannot hold codes outside the b-bit range), export modes and file suffixes;
+* files by their content: a ``.gguf`` by its magic bytes (``sources.resolve``), text
+  files (calibration / test data) as UTF-8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from babai_ao.errors import BabaiError
+
+from .sources import SMOLLM2, model_config, resolve
+
+TEXT_PROBE_BYTES = 4096
+
+
+def check(args: argparse.Namespace) -> None:
+    """Raise ``BabaiError`` for the first argument problem of ``args.command``."""
+    _positive(args, "threads")
+    handler = {"quantize": _quantize, "eval": _eval, "export": _export, "demo": _demo,
+               "report": _report}[args.command]
+    handler(args)
+
+
+# ---- per command ---------------------------------------------------------------------------
+def _quantize(args: argparse.Namespace) -> None:
+    _out_is_free(args)
+    _positive(args, "calib_windows", "calib_len")
+    _at_least(args, "refine", minimum=0)
+    _text_file(args.calib_file, "--calib-file")
+    _rate_arguments(args)
+    shape = _model_shape(args.model, args.num_layers)
+    _fits_context(args, shape, "calib_len", "--calib-len")
+    _group_divides(args.group_size, shape)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    _positive(args, "seq_len", "new_tokens")
+    _text_file(args.data_file, "--data-file")
+    if args.generate is not None and not args.generate.strip():
+        raise BabaiError("--generate needs a prompt: give some text, e.g. --generate 'The "
+                         "capital of France is'")
+    _fits_context(args, _model_shape(args.model, args.num_layers), "seq_len", "--seq-len")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import EXPORT_MODES
+
+    modes = EXPORT_MODES[args.format]
+    if args.mode is not None and args.mode not in modes:
+        raise BabaiError(f"--mode {args.mode} is not a {args.format} mode: choose one of "
+                         f"{', '.join(modes)}")
+    if args.out is not None and Path(args.out).suffix != f".{args.format}":
+        raise BabaiError(f"--out {args.out} does not end in .{args.format}: name the file "
+                         f"*.{args.format} (--format {args.format} writes that format)")
+    _positive(args, "seq_len", "embedding_group_size")
+    shape = _model_shape(args.model, args.num_layers)
+    _fits_context(args, shape, "seq_len", "--seq-len")
+    if args.quantize_embedding != "none" and shape.hidden % args.embedding_group_size:
+        raise BabaiError(f"--embedding-group-size {args.embedding_group_size} does not divide "
+                         f"the embedding dimension {shape.hidden}: choose one of "
+                         f"{_divisor_hint(shape.hidden)}")
+    if (args.mode or modes[0]) == "8da4w" and shape.run_bits not in (None, 4):
+        raise BabaiError(f"--mode 8da4w takes 4-bit layers; {args.model} holds "
+                         f"{shape.run_bits}-bit layers: export it with --mode weight_only")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    _out_is_free(args)
+    _positive(args, "calib_windows", "calib_len", "seq_len", "new_tokens")
+    _at_least(args, "export_layers", minimum=0)
+    _text_file(args.calib_file, "--calib-file")
+    shape = _model_shape(SMOLLM2, args.num_layers)
+    _fits_context(args, shape, "calib_len", "--calib-len")
+    _fits_context(args, shape, "seq_len", "--seq-len")
+    kept = min(shape.layers, args.num_layers or shape.layers)
+    if args.export_layers > kept:
+        raise BabaiError(f"--export-layers {args.export_layers} exceeds the {kept} decoder "
+                         f"blocks the demo keeps: give at most {kept} (0 skips export)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    if args.float_ppl is not None and not (math.isfinite(args.float_ppl) and args.float_ppl > 0):
+        raise BabaiError(f"--float-ppl {args.float_ppl} must be a positive perplexity (the "
+                         "float model's, to draw as a line)")
+
+
+# ---- shared checks -------------------------------------------------------------------------
+class ModelShape:
+    """What the checks need from a model's config (and a run record, if MODEL is a run)."""
+
+    def __init__(self, config: Any, run_bits: int | None) -> None:
+        text = getattr(config, "get_text_config", lambda: config)()
+        self.layers = int(text.num_hidden_layers)
+        self.hidden = int(text.hidden_size)
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or self.hidden // heads)
+        intermediate = int(getattr(text, "intermediate_size", None) or 4 * self.hidden)
+        # in_features of the decoder linears: q/k/v and gate/up read the hidden state, o_proj
+        # the attention heads, down_proj the MLP's inner activation
+        self.in_features = {"q/k/v/gate/up (hidden size)": self.hidden,
+                            "o_proj (heads × head_dim)": heads * head_dim,
+                            "down_proj (intermediate size)": intermediate}
+        self.context = getattr(text, "max_position_embeddings", None)
+        self.run_bits = run_bits
+
+
+def _model_shape(source: str, num_layers: int | None) -> ModelShape:
+    """The model's shape from its config; ``--num-layers`` checked against its depth."""
+    where = resolve(source)
+    run_bits = None
+    if where.kind == "run":
+        from .runs import load_run
+
+        run_bits = load_run(where.directory).get("bits")
+    shape = ModelShape(model_config(source), run_bits)
+    if num_layers is not None and not 1 <= num_layers <= shape.layers:
+        raise BabaiError(f"--num-layers {num_layers} is outside the model's 1..{shape.layers} "
+                         "decoder blocks: give a number in that range (or leave it out for all)")
+    return shape
+
+
+def _fits_context(args: argparse.Namespace, shape: ModelShape, name: str, flag: str) -> None:
+    value = getattr(args, name)
+    if shape.context is not None and value > shape.context:
+        raise BabaiError(f"{flag} {value} exceeds the model's context of {shape.context} "
+                         f"tokens: give at most {shape.context}")
+
+
+def _group_divides(group_size: int | None, shape: ModelShape) -> None:
+    if group_size is None:
+        return
+    for what, k in shape.in_features.items():
+        if k % group_size:
+            common = math.gcd(*shape.in_features.values())
+            raise BabaiError(f"--group-size {group_size} does not divide in_features {k} of "
+                             f"the model's {what}: choose one of {_divisor_hint(common)} "
+                             "(or `none` for one group per row)")
+
+
+def _divisor_hint(n: int) -> str:
+    divisors = [d for d in range(16, n + 1) if n % d == 0][:4] or [1]
+    return ", ".join(map(str, divisors))
+
+
+def _rate_arguments(args: argparse.Namespace) -> None:
+    """Clip × rate arguments; ``BabaiConfig`` checks the rest when ``make_config`` runs."""
+    if args.clip == "false":
+        raise BabaiError(f"--clip false leaves codes outside the {args.bits}-bit range, which "
+                         "the packed format cannot store: use --clip ssqr or --clip hptq "
+                         "(no clipping, stored exactly) or --clip true (GPTQ's clamping)")
+    if args.outlier_density is not None and not 0 < args.outlier_density < 1:
+        raise BabaiError(f"--outlier-density {args.outlier_density} must be a fraction "
+                         "between 0 and 1 (e.g. 0.01)")
+    target = args.target_bits
+    if target is None:
+        return
+    if not math.isfinite(target) or target <= 0:
+        raise BabaiError(f"--target-bits {target} must be a positive number of bits per weight "
+                         "(e.g. 3.3)")
+    if args.clip == "ssqr" and args.group_size is not None:
+        dense = args.bits + (16 + args.bits) / args.group_size  # codes + fp16 scale + zero
+        if target <= dense:
+            raise BabaiError(f"--target-bits {target} is not above the dense cost of "
+                             f"{args.bits}-bit codes with group {args.group_size} "
+                             f"({dense:.3f} bits/weight), which SSQR adds outliers to: give "
+                             f"more, e.g. {dense + 0.2:.1f}")
+    if args.clip == "hptq" and not 1 <= target <= 8:
+        raise BabaiError(f"--target-bits {target} is outside HPTQ's 1..8 bits per weight: "
+                         "give e.g. 3.3")
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    _at_least(args, *names, minimum=1)
+
+
+def _at_least(args: argparse.Namespace, *names: str, minimum: int) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise BabaiError(f"{flag} {value} must be at least {minimum}")
+
+
+def _text_file(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise BabaiError(f"{flag} {path} is not a file: give the path of a text file")
+    with p.open("rb") as f:
+        head = f.read(TEXT_PROBE_BYTES)
+    if not head:
+        raise BabaiError(f"{flag} {path} is empty: give a text file with some text in it")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the probe's end
+            raise BabaiError(f"{flag} {path} is not UTF-8 text (byte {e.start} is "
+                             f"{head[e.start:e.start + 1]!r}): give a plain-text file") from None
+
+
+def _out_is_free(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise BabaiError(f"{out} already exists: choose another --out or pass --overwrite")
