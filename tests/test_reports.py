@@ -194,3 +194,15 @@ def test_cut_run_labelled_in_cli_record_report_and_plots(capsys, tmp_path):
 def test_rows_fixture_spans_decades():  # the log-scale assertions above depend on it
     bounds = [r["bound"] for r in layer_rows()]
     assert max(bounds) / min(bounds) >= 1e4
+
+
+def test_error_vs_bound_whole_model_one_panel_per_linear_kind():
+    rec = record("full", cut=False)
+    rec["layers"] = layer_rows(blocks=30)
+    fig = plots.error_vs_bound_figure(rec)
+    fig.canvas.draw()
+    assert [ax.get_ylabel() for ax in fig.axes] == list(KINDS)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["b0", "b1", "b2"]
+    assert ax.get_yscale() == "log" and ax.get_lines() == []
+    assert "cut" not in ax.get_title()

@@ -21,6 +21,7 @@ from .depth import Depth, ppl_depth
 from .runs import format_ppl
 
 LOG_SPAN = 10.0  # max/min at or above which an axis is drawn on a log scale
+FLAT_LAYERS = 56  # layers drawn on one axis; more: one panel per linear kind (8 Llama blocks)
 _BLOCK_LAYER = re.compile(r"\.(\d+)\.(?:.+\.)?([^.]+)$")  # model.layers.3.mlp.up_proj
 
 
@@ -41,13 +42,15 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def _scale_y(ax: Any, values: Sequence[float]) -> None:
-    """Log scale when the positive ``values`` span ``LOG_SPAN`` or more, else linear without
-    an offset text."""
+    """Log scale when the positive ``values`` span ``LOG_SPAN`` or more, else linear with
+    each tick written in full (``12.5``, ``6.5e+07``): no offset or ×10ⁿ text."""
+    from matplotlib.ticker import FuncFormatter
+
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) >= LOG_SPAN:
         ax.set_yscale("log")
     else:
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.4g}"))
 
 
 def short_layer_name(name: str) -> str:
@@ -60,15 +63,9 @@ def _titled(what: str, depth: Depth) -> str:
     return f"{what}\n{depth.note()}" if depth.cut else what
 
 
-def error_vs_bound_figure(record: dict[str, Any]) -> Any:
-    """Per layer (named on the x axis): bound ``B`` as a bar, error ``E`` as a dot; clipped
-    layers' errors in red, since ``E ≤ B`` is only guaranteed when nothing was clipped."""
-    rows = record.get("layers") or []
-    if not rows:
-        raise BabaiError(f"run {record.get('label', '?')} has no per-layer rows: plot a "
-                         "quantized run, not a float one")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(rows) + 2), 4.8))
+def _layer_marks(ax: Any, rows: Sequence[dict[str, Any]], ticks: Sequence[str]) -> None:
+    """On ``ax``, one slot per row: bound ``B`` as a bar, error ``E`` as a dot (a red cross
+    for a clipped layer, where ``E ≤ B`` is not guaranteed); ``ticks`` name the slots."""
     x = list(range(len(rows)))
     ax.bar(x, [r["bound"] for r in rows], width=0.7, color="tab:blue", alpha=0.35,
            label="bound B = ¼ Σ d·s²")
@@ -80,13 +77,50 @@ def error_vs_bound_figure(record: dict[str, Any]) -> Any:
         if idx:
             ax.scatter(idx, [rows[i]["error"] for i in idx], s=22, zorder=3, **style)
     _scale_y(ax, [r[k] for r in rows for k in ("bound", "error")])
-    ax.set_xticks(x, [short_layer_name(r["name"]) for r in rows], rotation=90, fontsize=7)
+    ax.set_xticks(x, ticks, rotation=90 if len(rows) > 8 else 0, fontsize=7)
     ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel("layer (b<block> <linear>, in quantization order)")
-    ax.set_ylabel("output error  tr((W−Q) H (W−Q)ᵀ)")
-    ax.set_title(_titled(f"{record.get('label', 'run')}: per-layer error E vs Babai's bound B",
-                         Depth.of_record(record)), fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+
+
+def _by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """``{linear kind: [(block, row), ...]}`` in first-seen order (``{}``: names unparsed)."""
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for r in rows:
+        m = _BLOCK_LAYER.search(r["name"])
+        if m is None:
+            return {}
+        groups.setdefault(m.group(2), []).append((m.group(1), r))
+    return groups
+
+
+def error_vs_bound_figure(record: dict[str, Any]) -> Any:
+    """Per layer: error ``E`` against Babai's bound ``B``, layers named on the x axis
+    (``b3 q_proj``). Past ``FLAT_LAYERS`` layers, one panel per linear kind with the block
+    on the x axis, so that a whole model stays readable."""
+    rows = record.get("layers") or []
+    if not rows:
+        raise BabaiError(f"run {record.get('label', '?')} has no per-layer rows: plot a "
+                         "quantized run, not a float one")
+    groups = _by_kind(rows) if len(rows) > FLAT_LAYERS else {}
+    plt = _pyplot()
+    if groups:
+        width = max(7.0, 0.22 * max(len(g) for g in groups.values()) + 2)
+        fig, axes = plt.subplots(len(groups), 1, figsize=(width, 1.7 * len(groups) + 1.2),
+                                 squeeze=False)
+        for ax, (kind, members) in zip(axes[:, 0], groups.items()):
+            _layer_marks(ax, [r for _, r in members], [f"b{b}" for b, _ in members])
+            ax.set_ylabel(kind, fontsize=9)
+        axes[-1, 0].set_xlabel("decoder block")
+        fig.supylabel("output error  tr((W−Q) H (W−Q)ᵀ)", fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(0.16 * len(rows) + 6.5, 4.8))  # + legend
+        axes = [[ax]]
+        _layer_marks(ax, rows, [short_layer_name(r["name"]) for r in rows])
+        ax.set_xlabel("layer (b<block> <linear>, in quantization order)")
+        ax.set_ylabel("output error  tr((W−Q) H (W−Q)ᵀ)")
+    first = axes[0][0]
+    first.set_title(_titled(f"{record.get('label', 'run')}: per-layer error E vs Babai's "
+                            "bound B", Depth.of_record(record)), fontsize=10)
+    first.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
@@ -97,10 +131,12 @@ def error_vs_bound(record: dict[str, Any], path: str | os.PathLike[str]) -> Path
 
 
 def run_label(record: dict[str, Any]) -> str:
-    """``babai 4-bit g64 act`` and, when it says more, the run's folder name below it."""
-    group = record.get("group_size")
+    """``babai 4-bit g64 act`` (and the format of a ``--clip`` other than the default, e.g.
+    ``ssqr``) and, when it says more, the run's folder name below it."""
+    group, clip = record.get("group_size"), record.get("clip")
     grid = (f"{record.get('method', '?')} {record.get('bits', '?')}-bit "
-            f"{'per-channel' if group is None else f'g{group}'} {record.get('order', '')}")
+            f"{'per-channel' if group is None else f'g{group}'} {record.get('order', '')}"
+            f"{'' if clip in (None, True, 'true') else f' clip={clip}'}")
     label = record.get("label", "")
     return grid.strip() + (f"\n({label})" if label and label != grid else "")
 
