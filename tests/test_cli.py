@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from babai_ao import BabaiError, cli
+from babai_ao.cli.depth import Depth
 from babai_ao.cli.output import atomic_directory
 from babai_ao.cli.runs import RUN_FILE
 
@@ -104,7 +105,8 @@ def test_ctrl_c_during_save_exits_130_and_leaves_no_directory(capsys, tmp_path, 
 
     from babai_ao.cli import quantize as command  # `babai-ao quantize`
 
-    monkeypatch.setattr(command, "load_model", lambda source, n=None: (object(), Tok()))
+    monkeypatch.setattr(command, "load_measured",
+                        lambda source, n=None: (object(), Tok(), Depth(None, None)))
     monkeypatch.setattr(command, "make_config", lambda args: None)
     monkeypatch.setattr(command, "quantize_loaded", lambda *a, **k: {"method": "babai"})
 

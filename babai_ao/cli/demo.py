@@ -23,12 +23,13 @@ import torch
 
 from babai_ao.errors import BabaiError
 
+from .depth import load_measured
 from .evaluate import evaluate
 from .export import EXPORT_MODES, export_example, export_model
 from .output import atomic_directory, say
 from .quantize import make_config, quantize_loaded, summary
 from .report import write_report
-from .sources import SMOLLM2, keep_first_blocks, load_model
+from .sources import SMOLLM2, keep_first_blocks
 
 PROMPT = "The capital of France is"
 
@@ -82,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     eval_desc = f"{'all' if args.windows is None else args.windows} windows x {args.seq_len} tokens"
 
     t0 = _step("load SmolLM2-135M-Instruct (float32)")
-    model, tokenizer = load_model(SMOLLM2, args.num_layers)
+    model, tokenizer, depth = load_measured(SMOLLM2, args.num_layers)
+    if depth.cut:
+        say(f"   {depth.note()}: perplexities below are not the full model's")
     _done(t0)
 
     ppl: dict[str, float] = {}
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         qmodel = copy.deepcopy(model)
         qargs = _quant_args(args, mode)
         rec = quantize_loaded(qmodel, tokenizer, qargs, make_config(qargs), progress)
+        rec.update(depth.fields())
         summary(rec)
         rec["ppl"] = ppl[name] = evaluate(qmodel, tokenizer, args.windows, args.seq_len,
                                               progress=progress)
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         say("   " + ", ".join(str(out / p.name) for p in written))
         _done(t0)
 
-    say(f"\nperplexity, WikiText-2 test ({eval_desc}; not protocol P1):")
+    cut = f"; {depth.note()}" if depth.cut else ""
+    say(f"\nperplexity, WikiText-2 test ({eval_desc}; not protocol P1{cut}):")
     for name, value in ppl.items():
         bits = records[name]["avg_bits_per_weight"] if name in records else 32.0
         say(f"   {name:<22} {value:8.3f}   {bits:.3f} bits/weight")

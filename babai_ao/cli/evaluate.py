@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .depth import Depth, load_measured
 from .output import say
-from .sources import load_model
 
 
 def evaluate(model: nn.Module, tokenizer: Any, windows: int | None, seq_len: int,
@@ -32,20 +32,34 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .runs import RUN_FILE, load_run, write_json
+def _saved_run(source: str) -> dict[str, Any] | None:
+    """The run record of a directory written by ``babai-ao quantize`` (``None``: not one)."""
+    from .runs import RUN_FILE, load_run
 
-    model, tokenizer = load_model(args.model, args.num_layers)
+    run_dir = Path(source)
+    if run_dir.is_dir() and (run_dir / RUN_FILE).is_file():
+        return load_run(run_dir)
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .runs import RUN_FILE, write_json
+
+    record = _saved_run(args.model)
+    model, tokenizer, depth = load_measured(args.model, args.num_layers)
+    if record is not None:  # a saved cut run: the model's depth is in its record
+        depth = depth.inside(Depth.of_record(record))
     ppl = evaluate(model, tokenizer, args.windows, args.seq_len, args.data_file,
                    not args.no_progress)
     shown = "all" if args.windows is None else args.windows
-    say(f"perplexity {ppl:.3f} (WikiText-2 test, {shown} windows x {args.seq_len} tokens)")
-    run_dir = Path(args.model)
-    if run_dir.is_dir() and (run_dir / RUN_FILE).is_file():
-        record = load_run(run_dir)
-        record.update(ppl=ppl, windows=args.windows, seq_len=args.seq_len)
+    note = f"; {depth.note()}, not the full model" if depth.cut else ""
+    say(f"perplexity {ppl:.3f} (WikiText-2 test, {shown} windows x {args.seq_len} tokens"
+        f"{note})")
+    if record is not None:
+        record.update(ppl=ppl, windows=args.windows, seq_len=args.seq_len,
+                      ppl_num_layers=depth.kept)
         record.pop("label", None)
-        write_json(run_dir / RUN_FILE, record)
+        write_json(Path(args.model) / RUN_FILE, record)
     if args.generate:
         say(f"{args.generate!r} -> {generate_text(model, tokenizer, args.generate, args.new_tokens)!r}")
     return 0

@@ -13,8 +13,8 @@ from torch import nn
 from babai_ao import __version__
 from babai_ao.errors import BabaiError
 
+from .depth import Depth, load_measured
 from .output import atomic_directory, say
-from .sources import load_model
 
 
 def make_config(args: argparse.Namespace) -> Any:
@@ -82,9 +82,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # before any work
         raise BabaiError(f"{out} already exists: choose another --out or pass --overwrite")
     config = make_config(args)
-    model, tokenizer = load_model(args.model, args.num_layers)
+    model, tokenizer, depth = load_measured(args.model, args.num_layers)
     record = quantize_loaded(model, tokenizer, args, config, progress=not args.no_progress)
-    record["num_layers"] = args.num_layers
+    record.update(depth.fields())
     with atomic_directory(out, args.overwrite) as tmp:
         save_run(model, tokenizer, config, record, tmp)
     summary(record)
@@ -93,13 +93,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def summary(record: dict[str, Any]) -> None:
-    """One line: layers, time, stored bits, how many layers keep E ≤ B, weights clipped."""
+    """One line: method (and the cut, if any), layers, time, stored bits, what the
+    certificates say (``runs.bound_summary``)."""
+    from .runs import bound_summary
+
     rows = record.get("layers", [])
-    applicable = [r for r in rows if r.get("clipped", 0) == 0]
-    held = sum(bool(r.get("bound_holds")) for r in applicable)
     bits = record.get("avg_bits_per_weight")
-    say(f"{record['method']}: {len(rows)} linears quantized in "
-         f"{record.get('quant_seconds', 0):.1f} s, "
-         f"{'n/a' if bits is None else f'{bits:.3f}'} stored bits/weight, "
-         f"E <= B on {held}/{len(applicable)} unclipped layers, "
-         f"{sum(r.get('clipped', 0) for r in rows)} weights clipped")
+    note = Depth.of_record(record).note()
+    say(f"{record['method']}{f' ({note})' if note else ''}: {len(rows)} linears quantized in "
+        f"{record.get('quant_seconds', 0):.1f} s, "
+        f"{'n/a' if bits is None else f'{bits:.3f}'} stored bits/weight, "
+        f"{bound_summary(rows)}")

@@ -5,14 +5,16 @@ feed the same report: ``method`` (``float``/``rtn``/``babai``), the grid (``bits
 ``group_size``, ``order``, ``clip``, ``mode``), ``layers`` (one row per quantized linear:
 ``name, trace_d, error, error_undamped, bound, clipped, bits_per_weight`` and, from
 sequential calibration, ``seconds, tokens``), ``avg_bits_per_weight`` (stored bytes of the
-quantized weights · 8 / their number of weights) and, once evaluated, ``ppl``, ``windows``,
-``seq_len``.
+quantized weights · 8 / their number of weights), the depth (``num_layers`` blocks kept of
+the model's ``model_layers``, ``cut``: see ``babai_ao.cli.depth``) and, once evaluated,
+``ppl``, ``windows``, ``seq_len``, ``ppl_num_layers`` (blocks the perplexity ran on).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,26 @@ def layer_table(record: dict[str, Any]) -> str:
     names = [f.name for f in fields(LayerReport)]
     rows = [LayerReport(**{n: row.get(n, 0) for n in names}) for row in record.get("layers", [])]
     return QuantizationReport(mode=str(record.get("mode", "")), rows=rows).to_markdown()
+
+
+def bound_summary(rows: list[dict[str, Any]]) -> str:
+    """What the certificates say: ``E ≤ B`` counted on unclipped layers only (the bound is a
+    guarantee there); for clipped layers, that it is not one, and their median ``E/B``."""
+    unclipped = [r for r in rows if not r.get("clipped", 0)]
+    clipped = [r for r in rows if r.get("clipped", 0)]
+    parts = []
+    if unclipped:
+        held = sum(bool(r.get("bound_holds")) for r in unclipped)
+        parts.append(f"E <= B on {held}/{len(unclipped)} unclipped layers")
+    if clipped:
+        ratios = [r["error"] / r["bound"] for r in clipped if r.get("bound")]
+        median = f", median E/B {statistics.median(ratios):.3g}" if ratios else ""
+        parts.append(f"clipped grid in {len(clipped)}/{len(rows)} layers "
+                     f"({sum(r['clipped'] for r in clipped)} weights clipped): E <= B not "
+                     f"guaranteed there{median}")
+    return "; ".join(parts) or "no quantized layers"
+
+
+def format_ppl(ppl: float) -> str:
+    """A perplexity for people: ``12.346``, or ``1.639e+08`` once it has many digits."""
+    return f"{ppl:.3f}" if abs(ppl) < 1e4 else f"{ppl:.3e}"

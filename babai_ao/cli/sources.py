@@ -17,12 +17,16 @@ SMOLLM2 = "smollm2"
 GGUF_MAGIC = b"GGUF"
 
 
-def keep_first_blocks(model: nn.Module, num_layers: int | None) -> None:
-    """Cut the decoder block list to its first ``num_layers`` blocks (``None``: keep all)."""
+def keep_first_blocks(model: nn.Module, num_layers: int | None) -> int | None:
+    """Cut the decoder block list to its first ``num_layers`` blocks (``None``: keep all).
+
+    Returns the number of blocks the model had before the cut (``None`` when ``num_layers``
+    is ``None``: nothing is looked at), so that a cut run can say "first N of M blocks".
+    """
     from babai_ao.calibration.blocks import decoder_blocks
 
     if num_layers is None:
-        return
+        return None
     if num_layers <= 0:
         raise BabaiError(f"--num-layers {num_layers} must be positive (or left out for all)")
     path, blocks = decoder_blocks(model)
@@ -31,6 +35,7 @@ def keep_first_blocks(model: nn.Module, num_layers: int | None) -> None:
     model.config.num_hidden_layers = min(num_layers, len(blocks))
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:num_layers]
+    return len(blocks)
 
 
 @dataclass(frozen=True)
