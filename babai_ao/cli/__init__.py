@@ -1,7 +1,8 @@
 """The product: the ``babai-ao`` command, its demo, the run records it writes and their plots.
 
-``main`` parses and dispatches (``babai_ao.cli.main``); each command has its module
-(``quantize``, ``evaluate``, ``export``, ``report``, ``demo``), sharing ``sources`` (the
+``main`` (``app``) parses, checks every argument before any work (``preflight``) and
+dispatches; each command has its module (``quantize``, ``evaluate``, ``export``,
+``report``, ``demo``), sharing ``sources`` (the
 MODEL argument), ``depth`` (the blocks a run kept of the model's: "first 2 of 30 blocks") and
 ``output`` (messages, directories written atomically). ``runs`` reads and writes
 ``babai_run.json`` records, ``plots`` draws them. Every step is a library call
@@ -11,6 +12,6 @@ here is imported by them.
 
 from __future__ import annotations
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]
