@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,13 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def assert_quiet(err: str, seen: list[warnings.WarningMessage]) -> None:
+    """``--no-progress``: no progress bar at all (transformers' included), and none of the
+    dependency notes the CLI filters at their source."""
+    assert "it/s]" not in err and "Loading weights" not in err, err
+    assert not [w for w in seen if "LeafSpec" in str(w.message)]
 
 
 # ---- argument errors: no model needed --------------------------------------------------
@@ -156,6 +164,7 @@ def test_eval_saved_run_records_perplexity(capsys, babai_run):
     code, out, err = run_cli(capsys, "eval", str(babai_run), *SMALL_EVAL,
                              "--generate", "Hello", "--new-tokens", "3")
     assert code == 0, err
+    assert_quiet(err, [])
     ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
     assert ppl > 1
     assert "'Hello' ->" in out
@@ -236,10 +245,13 @@ def test_report_two_runs_writes_table_and_plots(capsys, babai_run, runs_dir):
 @pytest.mark.model
 def test_demo_small(capsys, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, err = run_cli(
-        capsys, "demo", "--out", str(out), "--num-layers", "2", *SMALL_CALIB, "--windows",
-        "1", "--seq-len", "128", "--export-layers", "1", "--new-tokens", "2", "--no-progress")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, stdout, err = run_cli(
+            capsys, "demo", "--out", str(out), "--num-layers", "2", *SMALL_CALIB, "--windows",
+            "1", "--seq-len", "128", "--export-layers", "1", "--new-tokens", "2", "--no-progress")
     assert code == 0, err
+    assert_quiet(err, seen)
     assert "compiled tokens == eager tokens: True" in stdout
     for name in ("float", "rtn-w4g64", "babai-w4g64-act-seq"):
         assert re.search(rf"{name} +[0-9.]+", stdout), stdout

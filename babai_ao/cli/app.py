@@ -7,9 +7,10 @@ Errors a user can fix (``BabaiError``, missing files, bad arguments) print one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 import torch
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "before exporting (babai_ao.quantize_embeddings_)")
     x.add_argument("--embedding-group-size", type=int, default=64,
                    help="group size of the quantized embedding, along its dimension (64)")
+    x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="per-layer table and PNG plots from saved runs")
@@ -161,6 +163,24 @@ KNOWN_ERRORS = (BabaiError, FileNotFoundError, NotADirectoryError, PermissionErr
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """``--no-progress`` turns off transformers' bars (weight loading, shard writing) too;
+    babai-ao's own bars take ``progress=`` per call. Restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``babai-ao`` console script; returns the exit status."""
     for name in QUIET_LOGGERS:
@@ -173,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         preflight.check(args)  # every argument, before any model is loaded
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        return int(args.func(args) or 0)
+        with progress_bars(not getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except KNOWN_ERRORS as e:
         print(f"babai-ao: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from babai_ao.errors import BabaiError
 from .output import say
 from .sources import load_model
 
+LEAFSPEC_NOTE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 EXPORT_MODES = {"pte": ("weight_only", "8da4w"), "onnx": ("qdq", "matmulnbits")}
 
 
@@ -34,9 +36,13 @@ def export_model(model: nn.Module, fmt: str, mode: str, path: Path, example: tor
     from babai_ao.export import to_executorch, to_onnx
 
     wrapper = LogitsOnly(model).eval()
-    if fmt == "pte":
-        return to_executorch(wrapper, (example,), path, mode=mode)
-    return to_onnx(wrapper, (example,), path, format=mode)
+    with warnings.catch_warnings():
+        # torch's pytree deprecation note, raised ~10 times per ExecuTorch export from
+        # torch.export's own pickling of tree specs: nothing the user can act on
+        warnings.filterwarnings("ignore", message=LEAFSPEC_NOTE, category=FutureWarning)
+        if fmt == "pte":
+            return to_executorch(wrapper, (example,), path, mode=mode)
+        return to_onnx(wrapper, (example,), path, format=mode)
 
 
 def export_example(tokenizer: Any, seq_len: int) -> torch.Tensor:
