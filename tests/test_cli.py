@@ -201,14 +201,14 @@ def test_export_onnx_quantized_embedding(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", "smollm2", "--num-layers", "1", "--format", "pte",
                            "--quantize-embedding", "4", "--embedding-group-size", "100",
                            "--out", str(tmp_path / "m.pte"))
-    assert_one_line_error(code, err, "group_size=100", "embedding dimension 576")
+    assert_one_line_error(code, err, "--embedding-group-size 100", "embedding dimension 576")
 
 
 @pytest.mark.model
 def test_group_size_not_dividing_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--mode", "rtn",
                            "--group-size", "100", "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "group_size")
+    assert_one_line_error(code, err, "--group-size 100", "in_features 576")
     assert _leftovers(tmp_path) == []
 
 
