@@ -135,6 +135,9 @@ def check_checkpoint_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+_DAMAGED = "the checkpoint's bytes are damaged; save the model again or re-download it"
+
+
 def verify_checkpoint(path: str | os.PathLike) -> int:
     """Rebuild every babai-ao tensor stored in ``path``'s safetensors files and check it: its
     digest (``babai_ao.ao.integrity``), or for checkpoints written without one its values.
@@ -142,6 +145,7 @@ def verify_checkpoint(path: str | os.PathLike) -> int:
     Raises ``BabaiError`` naming the first damaged tensor and its file; returns how many
     tensors were checked. ``from_pretrained`` runs it when a load fails, to say which tensor.
     """
+    import contextlib
     import json
 
     from safetensors import safe_open
@@ -152,34 +156,30 @@ def verify_checkpoint(path: str | os.PathLike) -> int:
     files = check_checkpoint_files(path)
     metadata: dict[str, str] = {}
     where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
+    checked = 0
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+        for f, h in handles.items():
             metadata.update(h.metadata() or {})
             where.update({k: f for k in h.keys()})  # noqa: SIM118
-    try:
-        names = json.loads(metadata.get("tensor_names", "[]"))
-    except ValueError:
-        names = []
-    checked = 0
-    for name in names:
         try:
-            entry = json.loads(metadata.get(name, "{}"))
+            names = json.loads(metadata.get("tensor_names", "[]"))
         except ValueError:
-            raise BabaiError(f"the metadata of {name} in {path} is not JSON: {_DAMAGED}") from None
-        module, attr = name.rsplit(".", 1)
-        prefix = f"{module}._{attr}_"
-        keys = [k for k in where if k.startswith(prefix)]
-        tensors = {}
-        for k in keys:
-            with safe_open(where[k], framework="pt") as h:
-                tensors[k[len(prefix):]] = h.get_tensor(k)
-        label = f"{name} ({', '.join(sorted({where[k].name for k in keys}))})"
-        if rebuild_entry(entry, tensors, label) is not None:
-            checked += 1
+            names = []
+        for name in names:
+            try:
+                entry = json.loads(metadata.get(name, "{}"))
+            except ValueError:
+                raise BabaiError(f"the metadata of {name} in {path} is not JSON: "
+                                 f"{_DAMAGED}") from None
+            module, attr = name.rsplit(".", 1)
+            prefix = f"{module}._{attr}_"
+            keys = [k for k in where if k.startswith(prefix)]
+            tensors = {k[len(prefix):]: handles[where[k]].get_tensor(k) for k in keys}
+            label = f"{name} ({', '.join(sorted({where[k].name for k in keys}))})"
+            if rebuild_entry(entry, tensors, label) is not None:
+                checked += 1
     return checked
-
-
-_DAMAGED = "the checkpoint's bytes are damaged; save the model again or re-download it"
 
 
 def _name_the_damage(path: str | os.PathLike) -> None:
