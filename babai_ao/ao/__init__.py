@@ -6,7 +6,9 @@
 (``HuffmanQuantizedTensor``) are ``TorchAOBaseTensor`` subclasses holding the stored formats
 and dispatching to those ops; ``config`` is ``BabaiConfig`` for ``quantize_`` (``observe``
 records Hessians for its observe/convert flow), ``embedding`` the config for embedding
-tables; ``integration`` adds all of them to torchao's and transformers' allow-lists.
+tables; ``integration`` adds all of them to torchao's and transformers' allow-lists, and
+``integrity`` writes a digest of each quantized tensor into checkpoints and checks it when
+torchao or ``torch.load`` rebuilds the tensor.
 
 Imports from ``lattice`` and ``formats``; nothing is imported here at package import, so
 ``babai_ao.ao.ops`` (torch only) loads without torchao.

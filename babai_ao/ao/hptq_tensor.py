@@ -29,7 +29,10 @@ from babai_ao.errors import BabaiError
 from babai_ao.formats import huffman
 from babai_ao.formats.hptq import HPTQWeight, compute_form
 
-from . import ops  # noqa: F401  (registers babai::hptq_linear)
+from . import (
+    integrity,
+    ops,  # noqa: F401  (registers babai::hptq_linear)
+)
 from .tensor import (
     FLOAT_DTYPES,
     BabaiQuantizedTensor,
@@ -130,6 +133,15 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
         out.certificate_json = self.certificate_json
         return out
 
+    def _check_stored_values(self) -> str | None:
+        """What is wrong with the stored values, if anything (``integrity.check_structure``:
+        checkpoints without a digest): the scale(s), then the stream's codebook and chunk
+        index (``huffman.stream_problem``)."""
+        if integrity.bad_scales(self.scale):
+            return "a scale that is not finite and positive"
+        stream = huffman.HuffmanStream(*(getattr(self, n).detach().cpu() for n in STREAM_NAMES))
+        return huffman.stream_problem(stream)
+
     def _stable_hash_for_caching(self) -> str:
         """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
         parts = [type(self).__qualname__, tuple(self.shape), str(self.dtype), self.chunk,
@@ -193,4 +205,5 @@ def decode_model(model: nn.Module) -> int:
     return count
 
 
+integrity.install(HuffmanQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
 torch.serialization.add_safe_globals([HuffmanQuantizedTensor, *old_names(HuffmanQuantizedTensor)])

@@ -16,7 +16,13 @@ a fresh process is all a user needs) adds:
    suffixes (``_weight_bitstream`` …; ``HuffmanQuantizedTensor`` is registered as in 2) to
    ``TorchAoHfQuantizer``'s ``serialized_names``. ``qdata``/``scale``/``zero_point`` are already on transformers'
    list; without this, checkpoints with outliers would drop those tensors at load. It wraps
-   the property (the only hook transformers offers), adding names and removing none.
+   the property (the only hook transformers offers), adding names and removing none;
+4. checkpoint digests (``integrity``): torchao rebuilds both classes through
+   ``integrity.checkpoint_constructor`` (the ``ALLOWED_CLASSES`` entry), which checks the
+   stored digest, and ``TorchAoHfQuantizer.get_state_dict_and_metadata`` (what
+   ``save_pretrained`` calls to flatten the model) is wrapped to add the digests to the
+   metadata (``integrity.add_digests``) — so plain ``model.save_pretrained`` /
+   ``AutoModelForCausalLM.from_pretrained`` write and check them too.
 """
 
 from __future__ import annotations
@@ -47,6 +53,24 @@ def _register_transformers() -> None:
 
     serialized_names._babai_ao = True  # type: ignore[attr-defined]
     TorchAoHfQuantizer.serialized_names = property(serialized_names)
+    _register_digests(TorchAoHfQuantizer)
+
+
+def _register_digests(quantizer: type) -> None:
+    """Wrap ``quantizer.get_state_dict_and_metadata`` to add babai-ao's digests."""
+    from .integrity import add_digests
+
+    original = getattr(quantizer, "get_state_dict_and_metadata", None)
+    if original is None or getattr(original, "_babai_ao", False):
+        return
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        state_dict, metadata = original(self, model, *args, **kwargs)
+        return state_dict, add_digests(model.state_dict(), metadata)
+
+    get_state_dict_and_metadata._babai_ao = True  # type: ignore[attr-defined]
+    get_state_dict_and_metadata.__doc__ = original.__doc__
+    quantizer.get_state_dict_and_metadata = get_state_dict_and_metadata
 
 
 def register() -> None:
@@ -58,6 +82,7 @@ def register() -> None:
     from torchao.prototype.safetensors import safetensors_utils
 
     from .hptq_tensor import HuffmanQuantizedTensor
+    from .integrity import checkpoint_constructor
     from .tensor import BabaiQuantizedTensor
 
     ao_config.ALLOWED_AO_MODULES.add(CONFIG_MODULE)
@@ -65,6 +90,6 @@ def register() -> None:
         name = cls.__name__
         if name not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
             safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(name)
-        safetensors_utils.ALLOWED_CLASSES[name] = cls
+        safetensors_utils.ALLOWED_CLASSES[name] = checkpoint_constructor(cls)
     _register_transformers()
     _done = True

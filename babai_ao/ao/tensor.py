@@ -37,7 +37,7 @@ from babai_ao.errors import BabaiError
 from babai_ao.formats.packing import pack, packed_size, unpack
 from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
-from . import ops
+from . import integrity, ops
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -234,6 +234,21 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
             self.in_features, self.outlier_ptr, self.outlier_idx, self.outlier_val,
             output_dtype or self.dtype)
         return w.t() if self.transposed else w
+
+    def _check_stored_values(self) -> str | None:
+        """What is wrong with the stored values, if anything (``integrity.check_structure``:
+        checkpoints without a digest). Every bit pattern of the packed codes and zeros is a
+        valid code, so only the scales (finite, positive) and the CSR index are checked."""
+        if integrity.bad_scales(self.scale):
+            return "scales that are not finite and positive"
+        if self.outlier_ptr is None:
+            return None
+        ptr, idx = self.outlier_ptr.detach().cpu().long(), self.outlier_idx.detach().cpu()
+        if int(ptr[0]) != 0 or int(ptr[-1]) != idx.numel() or bool((ptr[1:] < ptr[:-1]).any()):
+            return "outlier row pointers that are not a CSR index"
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.in_features):
+            return f"outlier columns outside [0, {self.in_features})"
+        return None
 
     def _stable_hash_for_caching(self) -> str:
         """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
@@ -470,4 +485,5 @@ def _linear_backward(ctx, grad):
 # a bias or input requires grad, and an op without a formula fails there.
 torch.library.register_autograd("babai::linear", _linear_backward,
                                 setup_context=_linear_setup_context)
+integrity.install(BabaiQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
 torch.serialization.add_safe_globals([BabaiQuantizedTensor, *old_names(BabaiQuantizedTensor)])

@@ -11,7 +11,11 @@ each ``BabaiQuantizedTensor`` is written as its plain tensors (``<module>._weigh
 ``from_pretrained(path)`` registers babai-ao with torchao/transformers (``babai_ao.ao.config``),
 checks every ``*.safetensors`` file opens (a truncated or corrupt file raises
 ``BabaiError`` naming it) and loads with ``AutoModelForCausalLM``; mismatches between the
-stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks.
+stored tensors and their metadata surface as ``BabaiError`` from the tensor's checks. Every
+quantized tensor carries a SHA-256 digest of its stored bytes in the metadata
+(``babai_ao.ao.integrity``), checked as torchao rebuilds it, so a checkpoint whose tensor
+data were damaged fails to load; ``verify_checkpoint(path)`` checks a directory without
+loading a model and names the damaged tensor.
 
 Once ``babai_ao`` is imported, the plain Hugging Face calls work too: ``model.save_pretrained
 (path)`` of a model holding babai-ao weights runs ``save_pretrained`` here (the config is
@@ -21,7 +25,8 @@ stops before writing anything and says to pass it), and
 wires both up when transformers and torchao are imported).
 
 ``load_state_dict(model, path)`` is ``torch.load`` + ``model.load_state_dict`` with the
-failures (unreadable file, wrong shape, other bits, other outlier layout) as ``BabaiError``.
+failures (unreadable file, damaged tensor data — the digest pickled with each quantized
+tensor —, wrong shape, other bits, other outlier layout) as ``BabaiError``.
 """
 
 from __future__ import annotations
@@ -207,8 +212,71 @@ def check_checkpoint_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+_DAMAGED = "the checkpoint's bytes are damaged; save the model again or re-download it"
+
+
+def verify_checkpoint(path: str | os.PathLike) -> int:
+    """Rebuild every babai-ao tensor stored in ``path``'s safetensors files and check it: its
+    digest (``babai_ao.ao.integrity``), or for checkpoints written without one its values.
+
+    Raises ``BabaiError`` naming the first damaged tensor and its file; returns how many
+    tensors were checked. ``from_pretrained`` runs it when a load fails, to say which tensor.
+    """
+    import contextlib
+    import json
+
+    from safetensors import safe_open
+
+    from babai_ao.ao import config as _config  # noqa: F401  (registers babai-ao's classes)
+    from babai_ao.ao.integrity import rebuild_entry
+
+    files = check_checkpoint_files(path)
+    metadata: dict[str, str] = {}
+    where: dict[str, Path] = {}
+    checked = 0
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+        for f, h in handles.items():
+            metadata.update(h.metadata() or {})
+            where.update({k: f for k in h.keys()})  # noqa: SIM118
+        try:
+            names = json.loads(metadata.get("tensor_names", "[]"))
+        except ValueError:
+            names = []
+        for name in names:
+            try:
+                entry = json.loads(metadata.get(name, "{}"))
+            except ValueError:
+                raise BabaiError(f"the metadata of {name} in {path} is not JSON: "
+                                 f"{_DAMAGED}") from None
+            module, attr = name.rsplit(".", 1)
+            prefix = f"{module}._{attr}_"
+            keys = [k for k in where if k.startswith(prefix)]
+            tensors = {k[len(prefix):]: handles[where[k]].get_tensor(k) for k in keys}
+            label = f"{name} ({', '.join(sorted({where[k].name for k in keys}))})"
+            if rebuild_entry(entry, tensors, label) is not None:
+                checked += 1
+    return checked
+
+
+def _name_the_damage(path: str | os.PathLike) -> None:
+    """After a failed load: re-check the checkpoint tensor by tensor, so the error names the
+    damaged one (``BabaiError``); returns quietly when nothing is found."""
+    try:
+        verify_checkpoint(path)
+    except BabaiError:
+        raise
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError):
+        pass  # not what this looks for: the caller reports the original failure
+
+
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load a model saved by :func:`save_pretrained` (``AutoModelForCausalLM``)."""
+    """Load a model saved by :func:`save_pretrained` (``AutoModelForCausalLM``).
+
+    Each quantized tensor's digest is checked as torchao rebuilds it; on any failure the
+    checkpoint is re-checked tensor by tensor (:func:`verify_checkpoint`) so the
+    ``BabaiError`` names the damaged tensor.
+    """
     from transformers import AutoModelForCausalLM
 
     from babai_ao.ao import config as _config  # noqa: F401  (registers babai-ao's classes)
@@ -219,14 +287,17 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
                                                            **kwargs)
     except BabaiError:
+        _name_the_damage(path)
         raise
     except (ValueError, KeyError, RuntimeError) as e:
+        _name_the_damage(path)
         raise BabaiError(f"could not load the babai-ao checkpoint {path}: {e}. The file does "
                          "not match its metadata; save the model again") from e
     # transformers logs a failed tensor rebuild and leaves the weight freshly initialized
     problems = {k: info.get(k) for k in ("conversion_errors", "error_msgs", "missing_keys",
                                          "mismatched_keys") if info.get(k)}
     if problems:
+        _name_the_damage(path)
         raise BabaiError(f"the checkpoint {path} did not load cleanly: {problems}. Its tensors "
                          "do not match their metadata or the model; save the model again")
     return (model, info) if want_info else model
@@ -237,18 +308,26 @@ def load_state_dict(model: nn.Module, checkpoint: str | os.PathLike | dict, *,
     """Load a ``torch.save``'d state dict (path or dict) into ``model``; errors as BabaiError.
 
     ``assign=True`` installs the stored tensors as they are (a float model becomes
-    quantized); ``assign=False`` copies into a model quantized with the same config.
+    quantized); ``assign=False`` copies into a model quantized with the same config. Each
+    quantized tensor read from a file is checked against the digest pickled with it (or,
+    pickled before digests existed, its values), the error naming its key.
     """
     from babai_ao.ao import tensor as _tensor  # noqa: F401  (allow-lists the subclass for weights_only)
+    from babai_ao.ao.integrity import deferred, verify_loaded
 
     if isinstance(checkpoint, dict):
         state = checkpoint
     else:
         try:
-            state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+            with deferred() as pending:
+                state = torch.load(checkpoint, weights_only=True, map_location="cpu")
         except (RuntimeError, OSError, EOFError, ValueError) as e:
             raise BabaiError(f"cannot read checkpoint {checkpoint} ({e}): the file is "
                              "truncated or not a torch.save state dict; save it again") from None
+        keys = {id(v): k for k, v in state.items()} if isinstance(state, dict) else {}
+        for t, stored in pending:
+            key = keys.get(id(t))
+            verify_loaded(t, stored, f"{key} in {checkpoint}" if key else None)
     try:
         model.load_state_dict(state, assign=assign)
     except RuntimeError as e:

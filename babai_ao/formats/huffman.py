@@ -137,6 +137,35 @@ class HuffmanStream:
 FIELDS = ("bitstream", "symbols", "lengths", "offsets", "header")
 
 
+def stream_problem(stream: HuffmanStream) -> str | None:
+    """What makes ``stream`` not one :func:`encode` writes, if anything (cheap checks of the
+    codebook and chunk index, no decoding): ``None`` when it is consistent."""
+    n, chunk, top = (int(v) for v in stream.header.tolist())
+    lengths = stream.lengths.long()
+    symbols = stream.symbols.long()
+    offsets = stream.offsets.long()
+    if n < 0 or chunk < 1 or not 0 <= top <= MAX_LEN_LIMIT:
+        return f"a Huffman header (n, chunk, max_len) = {(n, chunk, top)} out of range"
+    if symbols.numel() != lengths.numel() or (n > 0) != (symbols.numel() > 0):
+        return f"a Huffman codebook of {symbols.numel()} symbols, {lengths.numel()} lengths"
+    if lengths.numel() > 1:
+        if int(lengths.min()) < 1 or int(lengths.max()) != top:
+            return f"Huffman code lengths outside [1, {top}]"
+        key = lengths * 2**33 + symbols  # canonical order: by length, then symbol
+        if bool((key[1:] <= key[:-1]).any()):
+            return "a Huffman codebook not in canonical order"
+        if int((2 ** (top - lengths)).sum()) > 2**top:
+            return "Huffman code lengths that break the Kraft inequality"
+    elif lengths.numel() == 1 and (int(lengths[0]) != 0 or top != 0):
+        return "a one-symbol Huffman codebook with a non-empty code"
+    if offsets.numel() != -(-n // chunk):
+        return f"a Huffman chunk index of {offsets.numel()} entries for {n} symbols"
+    if offsets.numel() and (int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any())
+                            or int(offsets[-1]) > 8 * stream.bitstream.numel()):
+        return "a Huffman chunk index that does not point into the stream"
+    return None
+
+
 def encoded_bits(values: torch.Tensor | np.ndarray, max_len: int | None = None) -> int:
     """Length of the bitstream ``encode`` would write, in bits (no codebook/index)."""
     _, counts = np.unique(_as_int_array(values), return_counts=True)
