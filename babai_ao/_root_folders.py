@@ -5,8 +5,9 @@ Those folders are installed as ``babai_ao.kernels``, ``babai_ao.passes`` and
 is on ``sys.path`` (``python -m pytest``, ``python -c`` or a REPL started there), Python finds
 them first under the bare names ``kernels``, ``passes`` and ``export`` — and ``kernels`` is a
 PyPI package that transformers ≥ 5.25 requires and imports. So each folder's ``__init__``
-runs its own body only under its ``babai_ao.*`` name; under the bare name it calls
-:func:`hand_over`, which loads the installed package of that name from the rest of
+runs its own body only under its ``babai_ao.*`` name; under the bare name it runs this file
+alone (``runpy``: not as part of ``babai_ao``, whose ``__init__`` must not run inside another
+package's half-finished import) and calls :func:`hand_over`, which loads the installed package of that name from the rest of
 ``sys.path`` (the root left out) and puts it in ``sys.modules`` in the folder's place.
 ``import kernels`` then returns PyPI's module: importlib hands back whatever
 ``sys.modules[name]`` holds once the module body has run. With no such package installed it

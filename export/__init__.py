@@ -24,9 +24,13 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 if __name__ != "babai_ao.export":
-    from babai_ao._root_folders import hand_over
+    import os as _os
+    import runpy as _runpy
 
-    hand_over(__name__, __file__)
+    # run the helper file alone: importing babai_ao here, in the middle of the importer's
+    # own import (transformers' modeling_utils imports kernels), would re-enter it
+    _helper = _os.path.join(_os.path.dirname(__file__), _os.pardir, "babai_ao", "_root_folders.py")
+    _runpy.run_path(_helper)["hand_over"](__name__, __file__)
 
 
 def __getattr__(name: str) -> Any:

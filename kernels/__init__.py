@@ -14,9 +14,13 @@ transformers imports (``babai_ao._root_folders``).
 from __future__ import annotations
 
 if __name__ != "babai_ao.kernels":
-    from babai_ao._root_folders import hand_over
+    import os as _os
+    import runpy as _runpy
 
-    hand_over(__name__, __file__)
+    # run the helper file alone: importing babai_ao here, in the middle of the importer's
+    # own import (transformers' modeling_utils imports kernels), would re-enter it
+    _helper = _os.path.join(_os.path.dirname(__file__), _os.pardir, "babai_ao", "_root_folders.py")
+    _runpy.run_path(_helper)["hand_over"](__name__, __file__)
 else:
     from . import register
     from .cpu import linear_cpu

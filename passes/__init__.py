@@ -11,9 +11,13 @@ over to an installed package of that name, if any (``babai_ao._root_folders``).
 from __future__ import annotations
 
 if __name__ != "babai_ao.passes":
-    from babai_ao._root_folders import hand_over
+    import os as _os
+    import runpy as _runpy
 
-    hand_over(__name__, __file__)
+    # run the helper file alone: importing babai_ao here, in the middle of the importer's
+    # own import (transformers' modeling_utils imports kernels), would re-enter it
+    _helper = _os.path.join(_os.path.dirname(__file__), _os.pardir, "babai_ao", "_root_folders.py")
+    _runpy.run_path(_helper)["hand_over"](__name__, __file__)
 else:
     from .check import assert_no_float_weight, quantized_layers
     from .fuse import BabaiPostGradPass, rewrite_dequant_matmul

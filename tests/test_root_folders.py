@@ -87,3 +87,13 @@ def test_a_folder_name_without_an_installed_package_is_not_found() -> None:
         from babai_ao.export import to_onnx
         assert callable(to_onnx)
     """)
+
+
+def test_transformers_modeling_utils_first_then_babai_ao() -> None:
+    """transformers' modeling_utils imports ``kernels`` half-way through its own import; the
+    hand-over must not run babai_ao's ``__init__`` then (its hooks need the finished module)."""
+    run_in_root("""
+        from transformers.modeling_utils import PreTrainedModel
+        import babai_ao
+        assert hasattr(PreTrainedModel.save_pretrained, "__wrapped__")  # babai-ao's save route
+    """)
