@@ -174,4 +174,64 @@ def babai_embedding(indices: torch.Tensor, weight) -> torch.Tensor:
                                      weight.dtype)
 
 
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu,
+               "gelu": torch.nn.functional.gelu,
+               "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+
+
+@torch.library.custom_op("babai::experts", mutates_args=())
+def experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_packed: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_zeros: torch.Tensor,
+    down_packed: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    act: str,
+) -> torch.Tensor:
+    """Routed MoE experts, each expert ``e`` two packed linears:
+
+        y[t] = Σ_{k: index[t,k] = e} weight[t,k] · W_down[e] · (act(g) ⊙ u),  [g; u] = W_gu[e] x[t]
+
+    with ``W_gu[e]`` [2I, H] and ``W_down[e]`` [H, I] packed weights (one slice of the
+    stacked ``*_packed``/``*_scales``/``*_zeros`` per expert, ``babai_ao.formats.packed_weight``).
+    Only the tokens routed to an expert reach its two ``babai::linear`` calls; index values
+    outside ``[0, E)`` (padding) are skipped.
+    """
+    if act not in ACTIVATIONS:
+        raise BabaiError(f"activation {act!r} is not supported by babai::experts: one of "
+                         f"{sorted(ACTIVATIONS)}")
+    num, hidden = gate_up_packed.shape[0], x.shape[-1]
+    inter = gate_up_packed.shape[1] // 2  # W_gu stacks gate and up: [2I, H]
+    flat = x.reshape(-1, hidden)
+    out = torch.zeros_like(flat)
+    index = top_k_index.reshape(flat.shape[0], -1)
+    weights = top_k_weights.reshape(flat.shape[0], -1)
+    for e in torch.unique(index).tolist():
+        if not 0 <= e < num:
+            continue
+        tokens, slot = torch.where(index == e)
+        gate, up = torch.ops.babai.linear(flat[tokens], gate_up_packed[e], gate_up_scales[e],
+                                          gate_up_zeros[e], None, bits, group_size,
+                                          hidden).chunk(2, dim=-1)
+        y = torch.ops.babai.linear(ACTIVATIONS[act](gate) * up, down_packed[e], down_scales[e],
+                                   down_zeros[e], None, bits, group_size, inter)
+        out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
+    return out.reshape(x.shape)
+
+
+@experts.register_fake
+def _(x, top_k_index, top_k_weights, gate_up_packed, gate_up_scales, gate_up_zeros,
+      down_packed, down_scales, down_zeros, bits, group_size, act):
+    if gate_up_packed.dim() != 3 or down_packed.dim() != 3 \
+            or gate_up_packed.shape[0] != down_packed.shape[0]:
+        raise BabaiError("babai::experts takes [E, N, K/8·b] packed stacks of one size E")
+    return torch.empty_like(x)
+
+
 from babai_ao.kernels import register as _register  # noqa: E402,F401  (device kernels)

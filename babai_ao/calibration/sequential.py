@@ -46,6 +46,7 @@ from .blocks import (
     linear_stages,
     run_block,
 )
+from .experts import quantize_experts
 from .replay import Replay
 from .report import LayerReport, QuantizationReport
 
@@ -203,7 +204,8 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
 
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True) -> QuantizationReport:
-    """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place.
+    """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place, and every
+    fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
     ``config``: a ``BabaiConfig`` (or any object with ``bits, group_size, symmetric, order,
     clip, damp``). ``calibration``: token ids ``[n, seq_len]`` (``calibration_windows``) or
@@ -246,6 +248,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                 for stage in stages:
                     report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
                                                   config)
+                report.rows += quantize_experts(block, prefix, inputs, qkwargs)
             else:
                 replay = Replay()
                 modules = dict(block.named_modules())
@@ -262,6 +265,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                             if name not in repeated:
                                 replay.watch(modules[name], name)
                         replay.watch_modules(block)
+                    report.rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
                     outputs = [] if last else _collect(block, inputs, [], stop=False,
                                                        keep_outputs=True, replay=replay)[1]
                 finally:

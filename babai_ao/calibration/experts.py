@@ -1,0 +1,147 @@
+"""Sequential calibration of fused MoE experts: one Hessian per expert, from its routed tokens.
+
+A fused experts module (transformers 5: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
+called as ``experts(hidden_states, top_k_index, top_k_weights)``) holds 2·E linear maps. Expert
+``e``'s ``gate_up`` map only ever sees the tokens the router sends it, so its lattice is
+``H_gu[e] = Σ_{t → e} x_t x_tᵀ`` over exactly those tokens; its ``down`` map sees their
+intermediate activations ``h_t = act(g_t) ⊙ u_t`` with ``[g_t; u_t] = W̃_gu[e] x_t`` computed
+from the already-quantized ``W̃_gu[e]`` (the sequential order: ``gate_up`` of every expert first,
+then ``down``), so ``H_down[e] = Σ_{t → e} h_t h_tᵀ``. Routing weights scale an expert's output
+after ``down`` and do not enter the Hessians (plain ``XᵀX`` of the routed inputs).
+
+An expert that no calibration token reached has no Hessian: it is rounded to nearest on the
+same grid (``H = I``), named in a warning and reported with ``tokens = 0`` (or refused with
+``strict=True``). The router stays float. When a block is done its experts module is replaced
+by ``babai_ao.ao.experts.BabaiExperts`` (packed codes, one custom op).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from babai_ao.errors import BabaiError
+from babai_ao.lattice.hessian import HessianAccumulator
+from babai_ao.lattice.quantize import QuantizedWeight, quantize_weight
+
+from .blocks import StopForward, run_block
+from .report import LayerReport
+
+
+def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of ``block`` by name (3-D ``gate_up_proj``/``down_proj``)."""
+    found = {}
+    for name, module in block.named_modules():
+        gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor)
+                and gu.dim() == 3 and down.dim() == 3):
+            continue
+        layout = {"transposed": getattr(module, "is_transposed", False),
+                  "bias": getattr(module, "has_bias", False),
+                  "no gate": not getattr(module, "has_gate", True),
+                  "interleaved": not getattr(module, "is_concatenated", True)}
+        odd = [k for k, v in layout.items() if v]
+        if odd:
+            raise BabaiError(f"{name} ({type(module).__name__}) stores its experts {', '.join(odd)}"
+                             ": babai-ao quantizes concatenated [gate; up] experts without bias "
+                             "(Qwen3-MoE, Mixtral layout); leave this model's experts float by "
+                             "quantizing with mode='observe' on its linears, or open an issue")
+        found[name] = module
+    return found
+
+
+def routed_tokens(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
+    """Rows of the flattened tokens that the router sent to ``expert`` (any of the top k)."""
+    index = top_k_index.reshape(-1, top_k_index.shape[-1])
+    return torch.where((index == expert).any(dim=-1))[0]
+
+
+def _intermediate(module: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    gate, up = nn.functional.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def collect(block: nn.Module, module: nn.Module, part: str,
+            inputs: Sequence[tuple[torch.Tensor, tuple, dict]], replay: Any = None
+            ) -> list[HessianAccumulator]:
+    """Run the block on every batch up to ``module`` and accumulate each expert's ``H`` of
+    ``part`` (``gate_up``: routed hidden states; ``down``: their intermediate activations)."""
+    num = module.gate_up_proj.shape[0]
+    width = module.gate_up_proj.shape[2] if part == "gate_up" else module.down_proj.shape[2]
+    device = module.gate_up_proj.device
+    accs = [HessianAccumulator(width, device=device) for _ in range(num)]
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names
+                                                         if k in kwargs}
+        x = values["hidden_states"].detach().reshape(-1, module.gate_up_proj.shape[2])
+        for e in range(num):
+            rows = routed_tokens(values["top_k_index"], e)
+            if rows.numel():
+                xe = x.index_select(0, rows)
+                accs[e].add(xe if part == "gate_up" else _intermediate(module, xe, e))
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, inp in enumerate(inputs):
+                if replay is not None:
+                    replay.batch = i
+                run_block(block, inp)
+    finally:
+        handle.remove()
+    return accs
+
+
+def quantize_experts(block: nn.Module, prefix: str,
+                     inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+                     qkwargs: dict[str, Any], replay: Any = None, strict: bool = False
+                     ) -> list[LayerReport]:
+    """Calibrate and quantize every fused experts module of ``block`` (module docstring);
+    each is replaced by a ``BabaiExperts``. Returns one report row per expert weight."""
+    from babai_ao.ao.experts import BabaiExperts
+
+    rows: list[LayerReport] = []
+    for name, module in fused_experts(block).items():
+        if qkwargs.get("clip") is not True:
+            raise BabaiError(f"{prefix}.{name}: MoE experts are stored on the clipped grid only "
+                             f"(clip=True), not clip={qkwargs.get('clip')!r}")
+        act = getattr(getattr(module, "config", None), "hidden_act", None) or "silu"
+        weights: dict[str, list[QuantizedWeight]] = {}
+        for part in ("gate_up", "down"):
+            accs = collect(block, module, part, inputs, replay)
+            param = getattr(module, f"{part}_proj")
+            unrouted = [e for e, a in enumerate(accs) if a.tokens == 0]
+            if unrouted:
+                message = (f"{prefix}.{name}: experts {unrouted} received no calibration tokens"
+                           f" ({part}); they are rounded to nearest on the grid (H = I)")
+                if strict:
+                    raise BabaiError(message + ": pass more calibration data")
+                warnings.warn(message, UserWarning, stacklevel=3)
+            weights[part] = []
+            for e, acc in enumerate(accs):
+                t0 = time.perf_counter()
+                hessian = acc.hessian if acc.tokens else None
+                qw = quantize_weight(param[e].detach().float(), hessian, **qkwargs)
+                with torch.no_grad():  # later parts and stages see the quantized weight
+                    param[e].copy_(qw.dequantize(param.dtype))
+                weights[part].append(qw)
+                c = qw.certificate
+                rows.append(LayerReport(
+                    name=f"{prefix}.{name}.{part}_proj[{e}]", trace_d=c.trace_d, error=c.error,
+                    error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,
+                    bits_per_weight=c.bits_per_weight, seconds=time.perf_counter() - t0,
+                    tokens=acc.tokens))
+        packed = BabaiExperts.from_quantized(weights["gate_up"], weights["down"], act,
+                                             module.gate_up_proj.dtype)
+        packed.to(module.gate_up_proj.device)
+        parent, _, child = f"{name}".rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, packed)
+    return rows
