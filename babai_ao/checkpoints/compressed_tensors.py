@@ -113,8 +113,9 @@ def check_representable(name: str, weight: Any) -> None:
         raise BabaiError(f"{name} is HPTQ (entropy-coded, unclipped codes), which "
                          f"compressed-tensors cannot hold: export {WORKS}")
     if weight.outlier_ptr is not None:
-        raise BabaiError(f"{name} carries SSQR outliers (codes beyond the {weight.bits}-bit "
-                         f"range), which compressed-tensors cannot hold: export {WORKS}")
+        raise BabaiError(f"{name} carries sparse outlier codes beyond the {weight.bits}-bit "
+                         "range (SSQR, or HPTQ decoded), which compressed-tensors cannot hold: "
+                         f"export {WORKS}")
     if weight.bits not in SUPPORTED_BITS:
         raise BabaiError(f"{name} is {weight.bits}-bit; compressed-tensors pack-quantized as "
                          f"vLLM serves it takes 4 or 8 bits: export {WORKS} (or use "
@@ -197,8 +198,8 @@ def _quantized_linears(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
             continue
         if not isinstance(module, nn.Linear):
             raise BabaiError(f"{name} is a quantized {type(module).__name__}; compressed-tensors "
-                             "(as vLLM loads it) quantizes linears only: export without "
-                             "quantizing the embedding")
+                             "(as vLLM loads it) quantizes linears only: keep the embedding "
+                             f"float and export {WORKS}")
         check_representable(name, weight)
         quantized[name] = weight
     if not quantized:
