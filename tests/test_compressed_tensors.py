@@ -259,3 +259,58 @@ def test_smollm2_loads_in_transformers_with_same_logits(smollm2_small, calibrati
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     for name, w in quantized_linears(model).items():
         assert torch.equal(loaded.get_submodule(name).weight, w.dequantize()), name
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def _fake_run(tmp_path, bits: int, clip: str = "true"):
+    """A directory that preflight reads as a `babai-ao quantize` run (config + record only)."""
+    run = tmp_path / f"run{bits}{clip}"
+    run.mkdir()
+    tiny_llama().config.save_pretrained(run)
+    (run / "babai_run.json").write_text(json.dumps({"bits": bits, "clip": clip}))
+    return run
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("3bit", "3-bit"), ("ssqr", "clip=ssqr"), ("suffix", "names a file"),
+    ("exists", "already exists"), ("embedding", "--quantize-embedding"),
+    ("float", "not a `babai-ao quantize` directory")])
+def test_cli_refuses_before_any_work(capsys, tmp_path, case, needle):
+    from babai_ao import cli
+
+    run = _fake_run(tmp_path, 3 if case == "3bit" else 4, "ssqr" if case == "ssqr" else "true")
+    model = str(tmp_path / "float") if case == "float" else str(run)
+    if case == "float":
+        tiny_llama().config.save_pretrained(model)
+    out = tmp_path / ("m.onnx" if case == "suffix" else "ct")
+    if case == "exists":
+        out.mkdir()
+    extra = ["--quantize-embedding", "4"] if case == "embedding" else []
+    code = cli.main(["export", model, "--format", "compressed-tensors", "--out", str(out),
+                     *extra])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("babai-ao")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert case == "exists" or not out.exists()
+
+
+@pytest.mark.model
+def test_cli_export_compressed_tensors(capsys, tmp_path):
+    """quantize (SmolLM2, 2 blocks) then export: a directory transformers loads, same logits."""
+    from babai_ao import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["quantize", "smollm2", "--num-layers", "2", "--bits", "4", "--group-size",
+                     "64", "--calib-windows", "2", "--calib-len", "64", "--out", str(run),
+                     "--no-progress"]) == 0
+    out = tmp_path / "ct"
+    code = cli.main(["export", str(run), "--format", "compressed-tensors", "--out", str(out),
+                     "--seq-len", "8", "--no-progress"])
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert "4-bit group 64 asymmetric" in text
+    diff = float(text.split("max|diff| vs eager ")[1].split()[0])
+    assert diff < 1e-4
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
