@@ -2,6 +2,8 @@
 
 ``hf`` saves and loads through transformers (safetensors, via torchao's flattening) and
 ``torch.save`` state dicts, with corrupt or mismatched files reported as ``BabaiError``.
-Serving formats (compressed-tensors for vLLM, GGUF for llama.cpp) belong here, one module
-each. Imports from ``ao`` (the tensor classes) and ``formats``.
+Serving formats belong here, one module each: ``compressed_tensors`` writes the
+compressed-tensors "pack-quantized" layout (llm-compressor's; vLLM serves it, transformers
+loads it) holding babai-ao's codes, scales and zeros bit for bit; GGUF for llama.cpp to
+come. Imports from ``ao`` (the tensor classes) and ``formats``.
 """

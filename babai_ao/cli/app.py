@@ -119,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export to .pte / .onnx, run it once, print max |diff|")
+    x = sub.add_parser("export", help="export to .pte / .onnx / compressed-tensors, run it once, "
+                                           "print max |diff|")
     x.add_argument("model", help=f"a directory from `quantize` or `{SMOLLM2}`")
     x.add_argument("--format", choices=tuple(EXPORT_MODES), required=True)
-    x.add_argument("--mode", help="pte: weight_only | 8da4w; onnx: qdq | matmulnbits")
-    x.add_argument("--out", help="output file (default: MODEL_DIR/model.FORMAT)")
+    x.add_argument("--mode", help="pte: weight_only | 8da4w; onnx: qdq | matmulnbits; "
+                                  "compressed-tensors: pack-quantized")
+    x.add_argument("--out", help="output file (default: MODEL_DIR/model.FORMAT); "
+                                 "compressed-tensors: a new directory (MODEL_DIR/compressed-tensors)")
     x.add_argument("--seq-len", type=int, default=16, help="tokens of the check input")
     x.add_argument("--num-layers", type=int, help="keep only the first N decoder blocks")
     x.add_argument("--quantize-embedding", choices=("none", "4", "8"), default="none",

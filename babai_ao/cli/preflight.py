@@ -63,7 +63,9 @@ def _export(args: argparse.Namespace) -> None:
     if args.mode is not None and args.mode not in modes:
         raise BabaiError(f"--mode {args.mode} is not a {args.format} mode: choose one of "
                          f"{', '.join(modes)}")
-    if args.out is not None and Path(args.out).suffix != f".{args.format}":
+    if args.format == "compressed-tensors":
+        _compressed_tensors_export(args)
+    elif args.out is not None and Path(args.out).suffix != f".{args.format}":
         raise BabaiError(f"--out {args.out} does not end in .{args.format}: name the file "
                          f"*.{args.format} (--format {args.format} writes that format)")
     _positive(args, "seq_len", "embedding_group_size")
@@ -96,6 +98,31 @@ def _report(args: argparse.Namespace) -> None:
     if args.float_ppl is not None and not (math.isfinite(args.float_ppl) and args.float_ppl > 0):
         raise BabaiError(f"--float-ppl {args.float_ppl} must be a positive perplexity (the "
                          "float model's, to draw as a line)")
+
+
+def _compressed_tensors_export(args: argparse.Namespace) -> None:
+    """A directory from ``quantize`` with 4- or 8-bit clipped codes, into a new directory."""
+    from babai_ao.checkpoints.compressed_tensors import WORKS
+
+    where = resolve(args.model)
+    if where.kind != "run":
+        raise BabaiError(f"--format compressed-tensors writes babai-ao quantized weights; "
+                         f"{args.model} is not a `babai-ao quantize` directory: quantize it first")
+    from .runs import load_run
+
+    record = load_run(where.directory)
+    if record.get("clip") in ("ssqr", "hptq") or record.get("bits") not in (4, 8):
+        raise BabaiError(f"{args.model} holds {record.get('bits')}-bit clip={record.get('clip')} "
+                         f"layers, which compressed-tensors cannot hold: export {WORKS}")
+    if args.quantize_embedding != "none":
+        raise BabaiError("--quantize-embedding: compressed-tensors (as vLLM loads it) quantizes "
+                         "linears only: leave it out")
+    out = Path(args.out) if args.out is not None else where.directory / "compressed-tensors"
+    if out.suffix in (".pte", ".onnx", ".gguf", ".safetensors", ".json"):
+        raise BabaiError(f"--out {out} names a file; --format compressed-tensors writes a "
+                         "directory: give a directory name")
+    if out.exists():
+        raise BabaiError(f"{out} already exists: choose another --out")
 
 
 # ---- shared checks -------------------------------------------------------------------------
