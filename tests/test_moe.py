@@ -155,3 +155,31 @@ def test_unsupported_layouts_and_formats_say_so() -> None:
         warnings.simplefilter("ignore")
         babai_ao.quantize_model(model, babai_ao.babai_config(clip="hptq", target_bits=3.3), IDS,
                                 progress=False)
+
+
+LOAD = """
+import sys, torch, babai_ao
+from transformers import AutoModelForCausalLM
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path)
+expected = torch.load(path + "/expected.pt")
+with torch.no_grad():
+    logits = model(expected["ids"]).logits
+assert type(model.model.layers[0].mlp.experts).__name__ == "BabaiExperts"
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+"""
+
+
+def test_save_pretrained_from_pretrained_fresh_process(quantized, tmp_path: Path) -> None:
+    """Plain transformers calls: config.json's ``babai_experts`` rebuilds the packed experts
+    before the weights load, in a process that never quantized anything."""
+    import subprocess
+    import sys
+
+    family, model, _, _ = quantized
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.save({"ids": IDS, "logits": model(IDS).logits}, tmp_path / "expected.pt")
+    run = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -14,6 +14,7 @@ The certificates of every expert's two weights stay on the module (``certificate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,29 @@ from . import ops
 from .tensor import BabaiQuantizedTensor
 
 PARTS = ("gate_up", "down")
+CONFIG_KEY = "babai_experts"  # model config entry: how to rebuild BabaiExperts at load
+
+
+def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of ``block`` by name (3-D ``gate_up_proj``/``down_proj``)."""
+    found = {}
+    for name, module in block.named_modules():
+        gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor)
+                and gu.dim() == 3 and down.dim() == 3):
+            continue
+        layout = {"transposed": getattr(module, "is_transposed", False),
+                  "bias": getattr(module, "has_bias", False),
+                  "no gate": not getattr(module, "has_gate", True),
+                  "interleaved": not getattr(module, "is_concatenated", True)}
+        odd = [k for k, v in layout.items() if v]
+        if odd:
+            raise BabaiError(f"{name} ({type(module).__name__}) stores its experts {', '.join(odd)}"
+                             ": babai-ao quantizes concatenated [gate; up] experts without bias "
+                             "(Qwen3-MoE, Mixtral layout); leave this model's experts float by "
+                             "quantizing with mode='observe' on its linears, or open an issue")
+        found[name] = module
+    return found
 
 
 class BabaiExperts(nn.Module):
@@ -95,8 +119,28 @@ class BabaiExperts(nn.Module):
             self.gate_up_zero_point, self.down_qdata, self.down_scale, self.down_zero_point,
             self.bits, self.group_size, self.act)
 
+    def spec(self) -> dict[str, Any]:
+        """What a loader needs to rebuild this module empty (written to config.json)."""
+        return {"bits": self.bits, "group_size": self.group_size, "act": self.act}
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, "
                 f"intermediate={self.intermediate_dim}, bits={self.bits}, "
                 f"group_size={self.group_size}, act={self.act}")
 
+
+
+def install_empty(model: nn.Module) -> int:
+    """Replace every fused experts module of a (not yet loaded) model whose config carries
+    ``babai_experts`` by an empty ``BabaiExperts`` of the same sizes, so that loading a
+    checkpoint fills its packed buffers; returns how many were replaced."""
+    spec = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not spec:
+        return 0
+    found = fused_experts(model)
+    for name, module in found.items():
+        num, n2, hidden = module.gate_up_proj.shape
+        empty = BabaiExperts(num, hidden, n2 // 2, spec["bits"], spec["group_size"], spec["act"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, empty)
+    return len(found)

@@ -53,6 +53,7 @@ def _register_transformers() -> None:
 
     serialized_names._babai_ao = True  # type: ignore[attr-defined]
     TorchAoHfQuantizer.serialized_names = property(serialized_names)
+    _register_experts(TorchAoHfQuantizer)
     _register_digests(TorchAoHfQuantizer)
 
 
@@ -71,6 +72,24 @@ def _register_digests(quantizer: type) -> None:
     get_state_dict_and_metadata._babai_ao = True  # type: ignore[attr-defined]
     get_state_dict_and_metadata.__doc__ = original.__doc__
     quantizer.get_state_dict_and_metadata = get_state_dict_and_metadata
+
+
+def _register_experts(quantizer: type) -> None:
+    """Before weights load, rebuild quantized MoE experts (``BabaiExperts``) in the model, as
+    its config.json's ``babai_experts`` entry says (``experts.install_empty``)."""
+    from .experts import install_empty
+
+    original = quantizer._process_model_before_weight_loading
+    if getattr(original, "_babai_ao", False):
+        return
+
+    def process(self, model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original(self, model, *args, **kwargs)
+        install_empty(model)
+        return result
+
+    process._babai_ao = True  # type: ignore[attr-defined]
+    quantizer._process_model_before_weight_loading = process
 
 
 def register() -> None:

@@ -25,34 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from babai_ao.ao.experts import CONFIG_KEY, BabaiExperts, fused_experts
 from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import QuantizedWeight, quantize_weight
 
 from .blocks import StopForward, run_block
 from .report import LayerReport
-
-
-def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
-    """The fused experts modules of ``block`` by name (3-D ``gate_up_proj``/``down_proj``)."""
-    found = {}
-    for name, module in block.named_modules():
-        gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor)
-                and gu.dim() == 3 and down.dim() == 3):
-            continue
-        layout = {"transposed": getattr(module, "is_transposed", False),
-                  "bias": getattr(module, "has_bias", False),
-                  "no gate": not getattr(module, "has_gate", True),
-                  "interleaved": not getattr(module, "is_concatenated", True)}
-        odd = [k for k, v in layout.items() if v]
-        if odd:
-            raise BabaiError(f"{name} ({type(module).__name__}) stores its experts {', '.join(odd)}"
-                             ": babai-ao quantizes concatenated [gate; up] experts without bias "
-                             "(Qwen3-MoE, Mixtral layout); leave this model's experts float by "
-                             "quantizing with mode='observe' on its linears, or open an issue")
-        found[name] = module
-    return found
 
 
 def routed_tokens(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
@@ -106,8 +85,6 @@ def quantize_experts(block: nn.Module, prefix: str,
                      ) -> list[LayerReport]:
     """Calibrate and quantize every fused experts module of ``block`` (module docstring);
     each is replaced by a ``BabaiExperts``. Returns one report row per expert weight."""
-    from babai_ao.ao.experts import BabaiExperts
-
     rows: list[LayerReport] = []
     for name, module in fused_experts(block).items():
         if qkwargs.get("clip") is not True:
@@ -144,4 +121,7 @@ def quantize_experts(block: nn.Module, prefix: str,
         packed.to(module.gate_up_proj.device)
         parent, _, child = f"{name}".rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, child, packed)
+        config = getattr(module, "config", None)  # the model's config (transformers sets it)
+        if config is not None:  # config.json then says how to rebuild the experts at load
+            setattr(config, CONFIG_KEY, packed.spec())
     return rows
