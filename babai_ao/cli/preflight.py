@@ -141,6 +141,9 @@ class ModelShape:
         self.in_features = {"q/k/v/gate/up (hidden size)": self.hidden,
                             "o_proj (heads × head_dim)": heads * head_dim,
                             "down_proj (intermediate size)": intermediate}
+        expert = getattr(text, "moe_intermediate_size", None)
+        if expert:  # fused MoE experts: their down_proj reads the expert's inner activation
+            self.in_features["experts' down_proj (moe_intermediate_size)"] = int(expert)
         self.context = getattr(text, "max_position_embeddings", None)
         self.run_bits = run_bits
 
