@@ -29,8 +29,7 @@ class FloatParameter:
     tied: tuple[str, ...] = ()
 
 
-def _kind(model: nn.Module, module: nn.Module, name: str, param: str, in_blocks: bool,
-          selected: bool) -> str:
+def _kind(model: nn.Module, module: nn.Module, name: str, param: str, in_blocks: bool) -> str:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     leaf = name.rsplit(".", 1)[-1]
     if module is out or leaf == "lm_head":
@@ -44,20 +43,18 @@ def _kind(model: nn.Module, module: nn.Module, name: str, param: str, in_blocks:
     if "router" in type(module).__name__.lower() or leaf in ("router", "gate"):
         return "router"
     if is_quantizable(module):
-        return "not selected" if in_blocks and not selected else "outside blocks"
+        return "not selected" if in_blocks else "outside blocks"
     return "other"
 
 
-def float_parameters(model: nn.Module, quantized: Iterable[str], blocks_path: str,
-                     selected: Iterable[str] = ()) -> tuple[list[FloatParameter], int]:
+def float_parameters(model: nn.Module, quantized: Iterable[str], blocks_path: str
+                     ) -> tuple[list[FloatParameter], int]:
     """``(float parameters, elements of the quantized ones)`` of ``model``.
 
-    ``quantized``: the qualified names of the quantized weights (``….q_proj.weight``);
-    ``selected``: the layers the run was asked to quantize (a listed layer not among them
-    is ``not selected``); ``blocks_path``: where the block list is.
+    ``quantized``: the qualified names of the quantized weights (``….q_proj.weight``); a
+    float layer weight inside the blocks (``blocks_path``) is one the run did not select.
     """
     quantized = set(quantized)
-    selected = set(selected)
     modules = dict(model.named_modules())
     names: dict[int, list[str]] = {}
     tensors: dict[int, int] = {}
@@ -72,7 +69,6 @@ def float_parameters(model: nn.Module, quantized: Iterable[str], blocks_path: st
             continue
         first = aliases[0]
         owner, _, param = first.rpartition(".")
-        kind = _kind(model, modules[owner], owner, param,
-                     owner.startswith(blocks_path + "."), owner in selected)
+        kind = _kind(model, modules[owner], owner, param, owner.startswith(blocks_path + "."))
         floats.append(FloatParameter(first, tensors[key], kind, tuple(aliases[1:])))
     return floats, quantized_numel

@@ -268,7 +268,6 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     was_training = model.training
     model.eval()
     bar = None
-    selected: list[str] = []
     try:
         with torch.no_grad():
             inputs = first_block_inputs(model, stack[0], batches)
@@ -281,7 +280,6 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         for b in steps:
             prefix = f"{path}.{b}"
             stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
-            selected += [f"{prefix}.{n}" for stage in stages for n in stage]
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
                                              last=b == len(stack) - 1, bar=bar)
@@ -292,6 +290,6 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             bar.close()
         model.train(was_training)
         report.float_parameters, report.quantized_parameters = float_parameters(
-            model, [f"{r.name}.weight" for r in report.rows], path, selected)
+            model, [f"{r.name}.weight" for r in report.rows], path)
         report.seconds = time.perf_counter() - start
     return report
