@@ -168,6 +168,13 @@ def test_gpt2_ssqr(gpt2_quantized):
     assert_output_equals_dequantized(flt, model, input_ids=ids())
 
 
+def test_gpt2_hptq_refused_before_any_work():
+    model = gpt2()
+    with pytest.raises(BabaiError, match="hptq.*Conv1D"):
+        quantize_model(model, babai_config(clip="hptq", target_bits=3.3), ids(), progress=False)
+    assert all(type(m.weight.detach()) is torch.Tensor for m in block_layers(model).values())
+
+
 def test_gpt2_save_load_round_trip(gpt2_quantized, tmp_path):
     from babai_ao.checkpoints import hf
 

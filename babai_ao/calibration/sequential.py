@@ -43,6 +43,7 @@ from .coverage import float_parameters
 from .layers import (
     in_features,
     install,
+    is_conv1d,
     is_quantizable,
     quantized_weight_type,
     set_weight,
@@ -261,6 +262,9 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         if is_quantizable(m) and quantized_weight_type(m) is not None:
             raise BabaiError(f"{name} already holds a {quantized_weight_type(m).__name__} "
                              "weight: quantize_model needs a float model (load it again)")
+    if qkwargs["clip"] == "hptq" and any(is_conv1d(m) for m in stack.modules()):
+        raise BabaiError("clip='hptq' weights cannot be stored transposed, as GPT-2's Conv1D "
+                         "needs: use clip='ssqr' (or True/False) for this model")
     batches = calibration_batches(calibration, batch_size)
     masks = [b.attention_mask for b in batches]
     report = QuantizationReport(mode=mode)
