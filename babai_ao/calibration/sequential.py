@@ -1,6 +1,9 @@
-"""Sequential calibration: quantize a decoder model block by block (GPTQ practice).
+"""Sequential calibration: quantize a model block by block (GPTQ practice).
 
-For each decoder block ``b`` with inputs ``X_b`` (the outputs of blocks ``< b``):
+The blocks are the model's decoder or encoder layers (``discovery``); their linears are
+``nn.Linear`` and GPT-2's ``Conv1D`` (``layers``). For each block ``b`` with inputs ``X_b``
+(the outputs of blocks ``< b``), with ``H = Σ_t x_t x_tᵀ`` over non-padded tokens ``t`` only
+(the calibration's attention mask, ``batches``):
 
 - the block's linears are split into *stages*: linears that read the very same input tensor
   (q/k/v; gate/up), in the order the block runs them (found by one probe forward);
