@@ -208,9 +208,11 @@ def _selected_stages(block: nn.Module, prefix: str, inp: tuple[torch.Tensor, tup
     return stages, repeated
 
 
-def _calibrate_block(block: nn.Module, prefix: str, inputs: list, masks: list, mode: str,
-                     stages: list[list[str]], repeated: set[str], qkwargs: dict[str, Any],
-                     config: Any, last: bool, bar: Any) -> tuple[list[LayerReport], list]:
+def _calibrate_block(block: nn.Module, prefix: str,
+                     inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+                     masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
+                     repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
+                     bar: Any) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block)."""
     rows: list[LayerReport] = []
