@@ -157,6 +157,10 @@ def test_quantize_writes_checkpoint_and_record(babai_run, runs_dir):
         assert row["error"] >= 0 and row["bound"] > 0 and row["trace_d"] > 0
     # 4-bit codes + fp16 scale and 4-bit zero per 64 weights = 4.3125 bits
     assert record["avg_bits_per_weight"] == pytest.approx(4 + 16 / 64 + 4 / 64, abs=0.02)
+    # what stayed float is recorded: the tied embedding is most of it, norms the rest
+    floats = record["float_parameters"]
+    assert set(floats) == {"embedding", "norm"} and record["quantized_parameters"] > 0
+    assert floats["embedding"] == 49152 * 576
 
 
 @pytest.mark.model

@@ -72,6 +72,14 @@ def test_every_expert_weight_is_quantized(quantized) -> None:
     routed = [r.tokens for r in report.rows if ".experts.gate_up_proj[" in r.name]
     assert sum(routed[:4]) == IDS.numel() * 2  # top-2: every token reaches two experts
     assert all(r.bound > 0 and r.error >= 0 for r in report.rows)
+    # nothing silent: the routers are listed float, the experts count as quantized
+    kinds = {f.name: f.kind for f in report.float_parameters}
+    assert kinds["model.layers.0.mlp.gate.weight"] == "router"
+    assert not any(".experts." in name for name in kinds)
+    experts = 2 * 4 * 3 * 32 * 64  # layers × experts × (2I·H + H·I)
+    assert report.quantized_parameters >= experts
+    assert report.quantized_parameters + sum(f.numel for f in report.float_parameters) == \
+        report.total_parameters
 
 
 def test_outputs_equal_the_dequantized_model_eager_and_compiled(quantized) -> None:

@@ -119,6 +119,10 @@ class BabaiExperts(nn.Module):
             self.gate_up_zero_point, self.down_qdata, self.down_scale, self.down_zero_point,
             self.bits, self.group_size, self.act)
 
+    def quantized_numel(self) -> int:
+        """Weights held: ``E · (2I·H + H·I)`` (what the float experts had)."""
+        return self.num_experts * 3 * self.intermediate_dim * self.hidden_dim
+
     def spec(self) -> dict[str, Any]:
         """What a loader needs to rebuild this module empty (written to config.json)."""
         return {"bits": self.bits, "group_size": self.group_size, "act": self.act}

@@ -1,11 +1,16 @@
 """Calibration of whole models: Hessians from real data, block by block, and the data itself.
 
-``sequential`` is ``quantize_model``: each decoder block is calibrated on the outputs of the
-already-quantized blocks before it, stage by stage (``blocks`` finds the block list, captures
-its inputs and groups linears that read one tensor; ``replay`` saves recomputing quantized
-outputs; ``report`` holds the per-layer certificates; ``experts`` calibrates fused MoE
-experts, one Hessian per expert from its routed tokens). ``data`` makes WikiText-2 windows,
-``models`` loads the bundled SmolLM2, ``evaluate`` measures perplexity.
+``sequential`` is ``quantize_model``: each block (decoder or encoder layer) is calibrated on
+the outputs of the already-quantized blocks before it, stage by stage. ``discovery`` finds
+the block list (known paths, else the longest outermost ``nn.ModuleList`` of identical
+blocks, or the ``blocks=`` path); ``blocks`` captures the first block's inputs and groups
+linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, GPT-2's
+``Conv1D`` as a transposed weight); ``batches`` holds token ids with their attention masks
+(padded tokens stay out of the Hessians) and the model call; ``replay`` saves recomputing
+quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
+parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
+from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
+SmolLM2, ``evaluate`` measures perplexity.
 
 Imports from ``lattice`` and ``ao``; distributed and streamed (larger-than-memory)
 calibration belong here, beside ``sequential``.

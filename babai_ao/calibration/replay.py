@@ -17,6 +17,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .layers import is_quantizable
+
 REPLAY = True  # tests turn it off to compare against plain recomputation
 REPLAY_BUDGET = 2 * 2**30  # bytes of recorded outputs per block (SmolLM2 at P1: ~1.1 GB)
 
@@ -58,10 +60,10 @@ class Replay:
         if not REPLAY:
             return
         for name, module in block.named_modules():
-            if (not name or isinstance(module, nn.Linear) or name in self.watched
+            if (not name or is_quantizable(module) or name in self.watched
                     or any(name.startswith(w + ".") for w in self.watched)):
                 continue
-            inner = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            inner = [f"{name}.{n}" for n, m in module.named_modules() if is_quantizable(m)]
             if inner and all(n in self.watched for n in inner):
                 self._patch(module, name)
                 for n in inner:  # replayed whole from now on: their recordings are unused

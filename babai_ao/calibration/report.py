@@ -1,14 +1,19 @@
 """The report of a quantization run: one row per layer (certificate numbers, solver time).
 
 ``E`` is the layer's output error ``‖X(w−q)‖²`` summed over rows, ``B = ¼·Σⱼ dⱼ·sⱼ²`` Babai's
-bound; ``E ≤ B`` is guaranteed when nothing was clipped (``bound_holds``).
+bound; ``E ≤ B`` is guaranteed when nothing was clipped (``bound_holds``). The parameters
+left in float are listed too (``float_parameters``, ``quantized_share``; see ``coverage``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
+
+from .coverage import FloatParameter
 
 
 @dataclass
@@ -32,11 +37,39 @@ class LayerReport:
 
 @dataclass
 class QuantizationReport:
-    """Per-layer rows plus totals; ``seconds`` is the wall time of the whole call."""
+    """Per-layer rows plus totals; ``seconds`` is the wall time of the whole call.
+
+    ``float_parameters``: every parameter left in float, with its size and kind;
+    ``quantized_parameters``: elements of the quantized weights. Together they are all the
+    model's (distinct) parameters.
+    """
 
     mode: str
     rows: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    float_parameters: list[FloatParameter] = field(default_factory=list)
+    quantized_parameters: int = 0
+
+    @property
+    def total_parameters(self) -> int:
+        return self.quantized_parameters + sum(p.numel for p in self.float_parameters)
+
+    @property
+    def quantized_share(self) -> float:
+        """Fraction of the model's parameters that were quantized."""
+        total = self.total_parameters
+        return self.quantized_parameters / total if total else 0.0
+
+    def float_by_kind(self) -> dict[str, int]:
+        """Elements left in float per kind (``embedding``, ``norm``, ``not selected`` …)."""
+        kinds: dict[str, int] = defaultdict(int)
+        for p in self.float_parameters:
+            kinds[p.kind] += p.numel
+        return dict(kinds)
+
+    def float_summary(self) -> str:
+        """One line: the quantized share and what stayed float, largest kind first."""
+        return share_line(self.quantized_parameters, self.float_by_kind())
 
     @property
     def solver_seconds(self) -> float:
@@ -67,4 +100,32 @@ class QuantizationReport:
             holds = "yes" if r.bound_holds else ("n/a" if r.clipped else "NO")
             lines.append(f"| {r.name} | {r.trace_d:.4g} | {r.error:.4g} | {r.bound:.4g} | "
                          f"{holds} | {r.clipped} | {r.bits_per_weight:.4g} | {r.seconds:.2f} |")
+        if self.float_parameters:
+            lines += ["", f"Left in float ({self.float_summary()}):", "",
+                      "| parameters | kind | tensors | elements | share |", "|---|---|---|---|---|"]
+            lines += [f"| {name} | {kind} | {count} | {numel:,} | "
+                      f"{numel / self.total_parameters:.2%} |"
+                      for name, kind, count, numel in _grouped(self.float_parameters)]
         return "\n".join(lines)
+
+
+def share_line(quantized: int, float_by_kind: dict[str, int]) -> str:
+    """``"87.5% of 112,384 parameters quantized; float: embedding 10.9%, …"`` (shares of
+    ``quantized + Σ float``, largest float kind first)."""
+    total = quantized + sum(float_by_kind.values())
+    kinds = sorted(float_by_kind.items(), key=lambda kv: -kv[1])
+    left = ", ".join(f"{k} {n / max(total, 1):.1%}" for k, n in kinds)
+    return (f"{quantized / max(total, 1):.1%} of {total:,} parameters quantized; "
+            f"float: {left or 'nothing'}")
+
+
+def _grouped(params: list[FloatParameter]) -> list[tuple[str, str, int, int]]:
+    """Float parameters with block indices folded (``model.layers.*.input_layernorm.weight``):
+    ``(pattern, kind, tensors, elements)``, in model order."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for p in params:
+        name = re.sub(r"\.\d+\.", ".*.", p.name)
+        if p.tied:
+            name += f" (= {', '.join(p.tied)})"
+        groups.setdefault((name, p.kind), []).append(p.numel)
+    return [(name, kind, len(n), sum(n)) for (name, kind), n in groups.items()]

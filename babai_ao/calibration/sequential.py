@@ -1,6 +1,9 @@
-"""Sequential calibration: quantize a decoder model block by block (GPTQ practice).
+"""Sequential calibration: quantize a model block by block (GPTQ practice).
 
-For each decoder block ``b`` with inputs ``X_b`` (the outputs of blocks ``< b``):
+The blocks are the model's decoder or encoder layers (``discovery``); their linears are
+``nn.Linear`` and GPT-2's ``Conv1D`` (``layers``). For each block ``b`` with inputs ``X_b``
+(the outputs of blocks ``< b``), with ``H = Σ_t x_t x_tᵀ`` over non-padded tokens ``t`` only
+(the calibration's attention mask, ``batches``):
 
 - the block's linears are split into *stages*: linears that read the very same input tensor
   (q/k/v; gate/up), in the order the block runs them (found by one probe forward);
@@ -25,10 +28,9 @@ removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the 
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import time
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -36,19 +38,26 @@ from torch import nn
 
 from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator
-from babai_ao.lattice.quantize import QuantizedWeight, quantize_weight
+from babai_ao.lattice.quantize import quantize_weight
 
-from .blocks import (
-    StopForward,
-    calibration_batches,
-    decoder_blocks,
-    first_block_inputs,
-    linear_stages,
-    run_block,
-)
+from .batches import Batch, calibration_batches, model_forward, token_rows
+from .blocks import StopForward, decoder_blocks, first_block_inputs, linear_stages, run_block
+from .coverage import float_parameters
 from .experts import quantize_experts
+from .layers import (
+    in_features,
+    install,
+    is_conv1d,
+    is_quantizable,
+    quantized_weight_type,
+    set_weight,
+    weight_matrix,
+)
 from .replay import Replay
 from .report import LayerReport, QuantizationReport
+
+__all__ = ["QuantizationReport", "decoder_blocks", "install", "layer_hessians",
+           "quantize_model"]
 
 MODES = ("sequential", "observe")
 NO_CLIPPING_FORMATS = ("ssqr", "hptq")  # built by config.quantize_tensor
@@ -69,32 +78,35 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
 
 
 def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
-             stages: Sequence[list[str]], stop: bool, keep_outputs: bool,
-             replay: Replay | None = None
+             masks: Sequence[torch.Tensor | None], stages: Sequence[list[str]], stop: bool,
+             keep_outputs: bool, replay: Replay | None = None
              ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
-    """Run the block on every batch, accumulating ``H`` of each stage's input.
+    """Run the block on every batch, accumulating ``H = Σ x xᵀ`` of each stage's input over
+    the batch's non-padded tokens (``masks[i]``: batch ``i``'s attention mask, or ``None``).
 
     With ``stop`` (one stage only) the forward ends at that stage's first linear.
     """
     modules = dict(block.named_modules())
     accs: dict[str, HessianAccumulator] = {}
     handles = []
+    current: list[torch.Tensor | None] = [None]  # the running batch's mask
 
     def hook_for(name: str):
         def hook(_m: nn.Module, args: tuple) -> None:
-            accs[name].add(args[0].detach())
+            accs[name].add(token_rows(args[0].detach(), current[0]))
             if stop:
                 raise StopForward
         return hook
 
     for stage in stages:
         lead = modules[stage[0]]
-        accs[stage[0]] = HessianAccumulator(lead.in_features, device=lead.weight.device)
+        accs[stage[0]] = HessianAccumulator(in_features(lead), device=lead.weight.device)
         handles.append(lead.register_forward_pre_hook(hook_for(stage[0])))
     outputs: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for i, inp in enumerate(inputs):
+                current[0] = masks[i]
                 if replay is not None:
                     replay.batch = i
                 out = run_block(block, inp)
@@ -106,16 +118,18 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     return accs, outputs
 
 
-def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8
-                   ) -> dict[str, HessianAccumulator]:
-    """``H = XᵀX`` of the input of every decoder ``nn.Linear`` of the float model, from one
-    forward pass per batch (the decoder only, no ``lm_head``). Linears that read the same
-    tensor (q/k/v, gate/up) share one accumulator object."""
-    path, blocks = decoder_blocks(model)
-    named = {f"{path}.{i}.{n}": m for i, b in enumerate(blocks)
-             for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8,
+                   blocks: str | None = None) -> dict[str, HessianAccumulator]:
+    """``H = XᵀX`` of the input of every linear (``nn.Linear``, ``Conv1D``) in the blocks of
+    the float model, over its non-padded tokens, from one forward pass per batch (up to the
+    last block: no ``lm_head``). Linears that read the same tensor (q/k/v, gate/up) share
+    one accumulator object."""
+    path, stack = decoder_blocks(model, blocks)
+    named = {f"{path}.{i}.{n}": m for i, b in enumerate(stack)
+             for n, m in b.named_modules() if is_quantizable(m)}
     accs: dict[str, HessianAccumulator] = {}
     last: dict[str, torch.Tensor] = {}
+    current: list[Batch] = []
 
     def hook_for(name: str):
         def hook(m: nn.Module, args: tuple) -> None:
@@ -125,18 +139,22 @@ def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8
                     accs.setdefault(name, accs[other])
                     return
             last[name] = x
-            accs.setdefault(name, HessianAccumulator(m.in_features, device=m.weight.device))
-            accs[name].add(x.detach())
+            accs.setdefault(name, HessianAccumulator(in_features(m), device=m.weight.device))
+            accs[name].add(token_rows(x.detach(), current[0].attention_mask))
         return hook
 
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    def stop(*_: Any) -> None:
+        raise StopForward
+
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in named.items()]
-    device = next(model.parameters()).device
+    handles.append(stack[-1].register_forward_hook(stop))
     try:
         with torch.no_grad():
-            for ids in calibration_batches(calibration, batch_size):
+            for batch in calibration_batches(calibration, batch_size):
                 last.clear()
-                body(input_ids=ids.to(device), use_cache=False)
+                current[:] = [batch]
+                with contextlib.suppress(StopForward):
+                    model_forward(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -144,31 +162,6 @@ def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8
     if missing:
         raise BabaiError(f"linears {missing} never ran on the calibration data")
     return {n: accs[n] for n in named}
-
-
-def install(linear: nn.Linear, qw: QuantizedWeight) -> None:
-    """Replace ``linear.weight`` by a ``BabaiQuantizedTensor`` holding ``qw``.
-
-    Codes outside ``[0, 2^b − 1]`` (``clip=False``) do not fit a ``b``-bit tensor: then the
-    dequantized values are written into the float weight (warned once), which keeps the
-    model's outputs and the certificate exact; store such weights with ``clip='ssqr'``.
-    """
-    dtype = linear.weight.dtype
-    bits = qw.grid.bits
-    fits = qw.codes.numel() == 0 or (int(qw.codes.min()) >= 0 and
-                                     int(qw.codes.max()) <= 2**bits - 1)
-    if not fits or importlib.util.find_spec("torchao") is None:
-        if not fits:
-            warnings.warn(f"clip=False codes leave the {bits}-bit range: installing "
-                          "dequantized float weights (use clip='ssqr' to store them packed)",
-                          stacklevel=3)
-        with torch.no_grad():
-            linear.weight.copy_(qw.dequantize(dtype))
-        return
-    from babai_ao.ao.tensor import BabaiQuantizedTensor
-
-    tensor = BabaiQuantizedTensor.from_quantized(qw, dtype)
-    linear.weight = nn.Parameter(tensor, requires_grad=False)
 
 
 def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
@@ -183,13 +176,13 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
     for name in stage:
         linear = modules[name]
         t0 = time.perf_counter()
+        w = weight_matrix(linear)  # W [out, in]: a Conv1D's stored weight transposed
         if no_clipping:  # SSQR / HPTQ: the config builds the stored tensor
-            w = linear.weight.detach()
             tensor = config.quantize_tensor(w, acc.hessian, w.dtype)
-            linear.weight = nn.Parameter(tensor, requires_grad=False)
+            set_weight(linear, tensor)
             c = tensor.certificate
         else:
-            qw = quantize_weight(linear.weight.detach(), acc.hessian, **qkwargs)
+            qw = quantize_weight(w, acc.hessian, **qkwargs)
             install(linear, qw)
             c = qw.certificate
         if hasattr(config, "applied_to"):  # a BabaiConfig: remembered for save_pretrained
@@ -202,28 +195,87 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
     return rows
 
 
+def _selected_stages(block: nn.Module, prefix: str, inp: tuple[torch.Tensor, tuple, dict],
+                     filter_fn: Callable[[nn.Module, str], bool] | None
+                     ) -> tuple[list[list[str]], set[str]]:
+    """The block's stages (``linear_stages``) with only the layers ``filter_fn`` selects
+    (``filter_fn(module, qualified name)``; ``None``: all); empty stages dropped."""
+    stages, repeated = linear_stages(block, inp)
+    if filter_fn is not None:
+        modules = dict(block.named_modules())
+        stages = [[n for n in stage if filter_fn(modules[n], f"{prefix}.{n}")]
+                  for stage in stages]
+        stages = [stage for stage in stages if stage]
+    return stages, repeated
+
+
+def _calibrate_block(block: nn.Module, prefix: str,
+                     inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+                     masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
+                     repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
+                     bar: Any) -> tuple[list[LayerReport], list[torch.Tensor]]:
+    """Quantize one block's stages; returns its report rows and its outputs (the next
+    block's inputs; none after the last block)."""
+    rows: list[LayerReport] = []
+    if mode == "observe":
+        accs, outputs = _collect(block, inputs, masks, stages, stop=False, keep_outputs=not last)
+        for stage in stages:
+            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
+        rows += quantize_experts(block, prefix, inputs, qkwargs)
+        return rows, outputs
+    replay = Replay()
+    modules = dict(block.named_modules())
+    try:
+        for stage in stages:
+            if bar is not None:
+                bar.set_postfix_str(f"{prefix}.{stage[0]}")
+            accs, _ = _collect(block, inputs, masks, [stage], stop=stage[0] not in repeated,
+                               keep_outputs=False, replay=replay)
+            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
+            for name in stage:
+                if name not in repeated:
+                    replay.watch(modules[name], name)
+            replay.watch_modules(block)
+        rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
+        outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
+                                           keep_outputs=True, replay=replay)[1]
+    finally:
+        replay.close()
+    return rows, outputs
+
+
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
-                   batch_size: int = 8, progress: bool = True) -> QuantizationReport:
-    """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place, and every
-    fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
+                   batch_size: int = 8, progress: bool = True, blocks: str | None = None,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None
+                   ) -> QuantizationReport:
+    """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
+    every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
     ``config``: a ``BabaiConfig`` (or any object with ``bits, group_size, symmetric, order,
-    clip, damp``). ``calibration``: token ids ``[n, seq_len]`` (``calibration_windows``) or
-    an iterable of id batches. ``mode``: ``"sequential"`` (each block calibrated on the
-    outputs of the quantized blocks before it, stages in run order) or ``"observe"``
-    (Hessians of the float model). Returns the per-layer report.
+    clip, damp``). ``calibration``: token ids ``[n, seq_len]`` (``calibration_windows``), a
+    dict with ``input_ids`` and ``attention_mask`` (a padded tokenizer output; padded tokens
+    stay out of every Hessian), or an iterable of such batches. ``mode``: ``"sequential"``
+    (each block calibrated on the outputs of the quantized blocks before it, stages in run
+    order) or ``"observe"`` (Hessians of the float model). ``blocks``: attribute path of the
+    block list (``"bert.encoder.layer"``; ``None``: found, ``discovery.find_blocks``).
+    ``filter_fn(module, name)``: which layers to quantize (``None``: all in the blocks).
+    Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
         raise BabaiError(f"mode={mode!r}: choose one of {MODES}")
     if batch_size <= 0:
         raise BabaiError(f"batch_size={batch_size} must be positive")
     qkwargs = _config_kwargs(config)
-    path, blocks = decoder_blocks(model)
+    path, stack = decoder_blocks(model, blocks)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and type(m.weight.detach()) is not torch.Tensor:
-            raise BabaiError(f"{name} already holds a {type(m.weight.detach()).__name__} weight: "
-                             "quantize_model needs a float model (load it again)")
+        if is_quantizable(m) and quantized_weight_type(m) is not None:
+            raise BabaiError(f"{name} already holds a {quantized_weight_type(m).__name__} "
+                             "weight: quantize_model needs a float model (load it again)")
+    if qkwargs["clip"] == "hptq" and any(is_conv1d(m) for m in stack.modules()):
+        raise BabaiError("clip='hptq' weights cannot be stored transposed, as GPT-2's Conv1D "
+                         "needs: use clip='ssqr' (or True/False) for this model")
     batches = calibration_batches(calibration, batch_size)
+    masks = [b.attention_mask for b in batches]
     report = QuantizationReport(mode=mode)
     start = time.perf_counter()
     was_training = model.training
@@ -231,49 +283,26 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     bar = None
     try:
         with torch.no_grad():
-            inputs = first_block_inputs(model, blocks[0], batches)
-        steps: Iterable[int] = range(len(blocks))
+            inputs = first_block_inputs(model, stack[0], batches)
+        steps: Iterable[int] = range(len(stack))
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(steps, desc=f"quantize ({mode})", unit="block")
             steps = bar
         for b in steps:
-            block = blocks[b]
             prefix = f"{path}.{b}"
-            last = b == len(blocks) - 1
-            stages, repeated = linear_stages(block, inputs[0])
-            if mode == "observe":
-                accs, outputs = _collect(block, inputs, stages, stop=False, keep_outputs=not last)
-                for stage in stages:
-                    report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs,
-                                                  config)
-                report.rows += quantize_experts(block, prefix, inputs, qkwargs)
-            else:
-                replay = Replay()
-                modules = dict(block.named_modules())
-                try:
-                    for stage in stages:
-                        if bar is not None:
-                            bar.set_postfix_str(f"{prefix}.{stage[0]}")
-                        accs, _ = _collect(block, inputs, [stage],
-                                           stop=stage[0] not in repeated, keep_outputs=False,
-                                           replay=replay)
-                        report.rows += _quantize_stage(block, prefix, stage, accs[stage[0]],
-                                                      qkwargs, config)
-                        for name in stage:
-                            if name not in repeated:
-                                replay.watch(modules[name], name)
-                        replay.watch_modules(block)
-                    report.rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
-                    outputs = [] if last else _collect(block, inputs, [], stop=False,
-                                                       keep_outputs=True, replay=replay)[1]
-                finally:
-                    replay.close()
+            stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
+            rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
+                                             repeated, qkwargs, config,
+                                             last=b == len(stack) - 1, bar=bar)
+            report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
+        report.float_parameters, report.quantized_parameters = float_parameters(
+            model, [f"{r.name}.weight" for r in report.rows], path)
         report.seconds = time.perf_counter() - start
     return report

@@ -44,7 +44,7 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
     if args.mode == "rtn":
         from torchao.quantization import quantize_
 
-        linears = {id(m) for _, m in runs.decoder_linears(model)}
+        linears = {id(m) for _, m in runs.decoder_linears(model) if isinstance(m, nn.Linear)}
         with warnings.catch_warnings():  # RTN was asked for: no "no Hessian" warning
             warnings.filterwarnings("ignore", message="babai_config without calibration")
             quantize_(model, config, filter_fn=lambda m, _fqn: id(m) in linears)
@@ -61,6 +61,7 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
+    record.update(runs.coverage_fields(model, record["layers"]))
     record["avg_bits_per_weight"] = runs.stored_bits_per_weight(model)
     return record
 
@@ -94,7 +95,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def summary(record: dict[str, Any]) -> None:
     """One line: method (and the cut, if any), layers, time, stored bits, what the
-    certificates say (``runs.bound_summary``)."""
+    certificates say (``runs.bound_summary``), and what stayed float."""
+    from babai_ao.calibration.report import share_line
+
     from .runs import bound_summary
 
     rows = record.get("layers", [])
@@ -103,4 +106,6 @@ def summary(record: dict[str, Any]) -> None:
     say(f"{record['method']}{f' ({note})' if note else ''}: {len(rows)} linears quantized in "
         f"{record.get('quant_seconds', 0):.1f} s, "
         f"{'n/a' if bits is None else f'{bits:.3f}'} stored bits/weight, "
-        f"{bound_summary(rows)}")
+        f"{bound_summary(rows)}"
+        + (f"; {share_line(record['quantized_parameters'], record['float_parameters'])}"
+           if "float_parameters" in record else ""))

@@ -8,6 +8,7 @@ sequential calibration, ``seconds, tokens``), ``avg_bits_per_weight`` (stored by
 quantized weights · 8 / their number of weights), the depth (``num_layers`` blocks kept of
 the model's ``model_layers``, ``cut``: see ``babai_ao.cli.depth``) and, once evaluated,
 ``ppl``, ``windows``, ``seq_len``, ``ppl_num_layers`` (blocks the perplexity ran on).
+``quantized_parameters`` and ``float_parameters`` (elements per kind) say what stayed float.
 """
 
 from __future__ import annotations
@@ -23,17 +24,31 @@ import torch
 from torch import nn
 
 from babai_ao.calibration.blocks import decoder_blocks
+from babai_ao.calibration.coverage import float_parameters
+from babai_ao.calibration.layers import is_quantizable
 from babai_ao.calibration.report import LayerReport, QuantizationReport
 from babai_ao.errors import BabaiError
 
 RUN_FILE = "babai_run.json"
 
 
-def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """``(qualified name, module)`` of every ``nn.Linear`` inside the decoder blocks."""
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every ``nn.Linear`` and ``Conv1D`` in the blocks."""
     path, blocks = decoder_blocks(model)
     return [(f"{path}.{i}.{n}", m) for i, b in enumerate(blocks)
-            for n, m in b.named_modules() if isinstance(m, nn.Linear)]
+            for n, m in b.named_modules() if is_quantizable(m)]
+
+
+def coverage_fields(model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record keys saying what stayed float: ``quantized_parameters`` (elements of the
+    quantized weights: the ``rows``) and ``float_parameters`` (elements per kind:
+    ``embedding``, ``norm`` …; ``babai_ao.calibration.coverage``)."""
+    path, _ = decoder_blocks(model)
+    floats, quantized = float_parameters(model, [f"{r['name']}.weight" for r in rows], path)
+    by_kind: dict[str, int] = {}
+    for p in floats:
+        by_kind[p.kind] = by_kind.get(p.kind, 0) + p.numel
+    return {"quantized_parameters": quantized, "float_parameters": by_kind}
 
 
 def certificate_rows(model: nn.Module) -> list[dict[str, Any]]:
