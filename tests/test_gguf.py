@@ -191,3 +191,53 @@ def test_smollm2_gguf_loads_in_transformers(tmp_path, smollm2_small, calibration
         want = model(input_ids=ids).logits
         got = back(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=0), float((got - want).abs().max())
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    """``babai-ao quantize smollm2`` (1 block, RTN, 4 bit g32, exact offsets): a Q4_1 run."""
+    from babai_ao import cli
+
+    run = tmp_path_factory.mktemp("gguf") / "rtn-w4g32"
+    assert cli.main(["quantize", "smollm2", "--num-layers", "1", "--mode", "rtn", "--bits",
+                     "4", "--group-size", "32", "--exact-offset", "--out", str(run),
+                     "--no-progress"]) == 0
+    return run
+
+
+@pytest.mark.model
+def test_cli_export_gguf(capsys, gguf_run):
+    import re
+
+    from babai_ao import cli
+
+    capsys.readouterr()
+    code = cli.main(["export", str(gguf_run), "--format", "gguf", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = gguf_run / "model.gguf"
+    diff = float(re.search(r"max \|logits - eager\| = ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4
+    reader = gguf.GGUFReader(path)
+    linears = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_q.weight")
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith(linears)} == {"Q4_1"}
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--mode", "q4_0"], "symmetric=True"),        # an asymmetric run as Q4_0
+    (["--mode", "q5_0"], "--mode q5_0"),           # no such mode
+    (["--out", "m.bin"], "does not end in .gguf"),
+])
+def test_cli_export_gguf_errors(capsys, gguf_run, tmp_path, argv, needle):
+    from babai_ao import cli
+
+    argv = [a if a != "m.bin" else str(tmp_path / a) for a in argv]
+    capsys.readouterr()
+    code = cli.main(["export", str(gguf_run), "--format", "gguf", "--out",
+                     str(tmp_path / "x.gguf"), *argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("babai-ao")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "x.gguf").exists()
