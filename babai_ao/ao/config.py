@@ -66,6 +66,7 @@ class BabaiConfig(AOBaseConfig):
     outlier_density: float | None = None
     block_size: int = 128
     refine: int = 0
+    exact_offset: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
@@ -111,6 +112,11 @@ class BabaiConfig(AOBaseConfig):
             raise BabaiError("give target_bits or outlier_density, not both")
         if self.clip == "ssqr" and self.symmetric:
             raise BabaiError("clip='ssqr' uses asymmetric shrunk grids: set symmetric=False")
+        if not isinstance(self.exact_offset, bool):
+            raise BabaiError(f"exact_offset={self.exact_offset!r} must be True or False")
+        if self.exact_offset and self.clip in ("ssqr", "hptq"):
+            raise BabaiError("exact_offset applies to the fixed grids (clip=True/False, for "
+                             "GGUF Q4_1): set exact_offset=False with ssqr/hptq")
 
     def applied_to(self, module: nn.Module) -> None:
         """Remember that ``module``'s weight was quantized with this config (for
@@ -147,7 +153,8 @@ class BabaiConfig(AOBaseConfig):
         qw = quantize_weight(weight.detach(), hessian, bits=self.bits,
                              group_size=self.group_size, symmetric=self.symmetric,
                              order=self.order, clip=bool(self.clip), damp=self.damp,
-                             block_size=self.block_size, refine=self.refine)
+                             block_size=self.block_size, refine=self.refine,
+                             exact_offset=self.exact_offset)
         return BabaiQuantizedTensor.from_quantized(qw, dtype)
 
 
@@ -155,12 +162,16 @@ def babai_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = 
                  order: str = "act", clip: bool | str = True, damp: float = 0.01,
                  step: str | None = None, target_bits: float | None = None,
                  outlier_density: float | None = None, block_size: int = 128,
-                 refine: int = 0) -> BabaiConfig:
-    """The config for ``torchao.quantization.quantize_`` (arguments validated; BabaiError)."""
+                 refine: int = 0, exact_offset: bool = False) -> BabaiConfig:
+    """The config for ``torchao.quantization.quantize_`` (arguments validated; BabaiError).
+
+    ``exact_offset=True``: asymmetric grids whose offset ``s·z`` is exact in fp16, so GGUF
+    Q4_1 (``w = d·q + m``, fp16 ``m = −s·z``) stores them exactly (``babai_ao.lattice.grid``).
+    """
     return BabaiConfig(bits=bits, group_size=group_size, symmetric=symmetric, order=order,
                        clip=clip, damp=damp, step=step, target_bits=target_bits,
                        outlier_density=outlier_density, block_size=block_size,
-                       refine=refine)
+                       refine=refine, exact_offset=exact_offset)
 
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, BabaiConfig] = weakref.WeakKeyDictionary()

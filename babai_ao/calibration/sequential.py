@@ -71,7 +71,7 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
                          "babai_ao.babai_config(...) (or any object with "
                          f"{', '.join(CONFIG_FIELDS)})")
     kwargs = {f: getattr(config, f) for f in CONFIG_FIELDS}
-    for extra in ("block_size", "refine"):
+    for extra in ("block_size", "refine", "exact_offset"):
         if getattr(config, extra, None) is not None:
             kwargs[extra] = getattr(config, extra)
     return kwargs

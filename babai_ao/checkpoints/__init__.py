@@ -4,6 +4,7 @@
 ``torch.save`` state dicts, with corrupt or mismatched files reported as ``BabaiError``.
 Serving formats belong here, one module each: ``compressed_tensors`` writes the
 compressed-tensors "pack-quantized" layout (llm-compressor's; vLLM serves it, transformers
-loads it) holding babai-ao's codes, scales and zeros bit for bit; GGUF for llama.cpp to
-come. Imports from ``ao`` (the tensor classes) and ``formats``.
+loads it) holding babai-ao's codes, scales and zeros bit for bit; ``gguf`` writes GGUF files
+for llama.cpp, our codes as Q4_0/Q4_1/Q8_0 blocks, bit-exact. Imports from ``ao`` (the tensor
+classes) and ``formats``.
 """

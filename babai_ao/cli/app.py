@@ -80,6 +80,10 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-density", type=float, help="ssqr: fraction of weights as outliers")
     p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
                    help="coordinate-descent sweeps after Babai (never raise the error; 0: off)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric grid, zero code 2^(b-1) (GGUF Q4_0 / Q8_0)")
+    p.add_argument("--exact-offset", action="store_true",
+                   help="asymmetric grid with s·z exact in fp16 (GGUF Q4_1)")
 
 
 def _add_calibration(p: argparse.ArgumentParser, windows: int, seq_len: int) -> None:
@@ -119,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export to .pte / .onnx / compressed-tensors, run it once, "
-                                           "print max |diff|")
+    x = sub.add_parser("export", help="export to .pte / .onnx / .gguf / compressed-tensors, run "
+                       "it once, print max |diff|")
     x.add_argument("model", help=f"a directory from `quantize` or `{SMOLLM2}`")
     x.add_argument("--format", choices=tuple(EXPORT_MODES), required=True)
-    x.add_argument("--mode", help="pte: weight_only | 8da4w; onnx: qdq | matmulnbits; "
-                                  "compressed-tensors: pack-quantized")
+    x.add_argument("--mode", help="pte: weight_only | 8da4w; onnx: qdq | matmulnbits; gguf: "
+                   "auto | q4_0 | q4_1 | q8_0; compressed-tensors: pack-quantized")
     x.add_argument("--out", help="output file (default: MODEL_DIR/model.FORMAT); "
                                  "compressed-tensors: a new directory (MODEL_DIR/compressed-tensors)")
     x.add_argument("--seq-len", type=int, default=16, help="tokens of the check input")

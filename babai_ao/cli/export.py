@@ -1,5 +1,8 @@
-"""``babai-ao export``: ``.pte``, ``.onnx`` or a compressed-tensors directory (vLLM), run once,
-max |logits − eager| printed."""
+"""``babai-ao export``: ``.pte``, ``.onnx``, ``.gguf`` or a compressed-tensors directory (vLLM),
+run once, max |logits − eager| printed.
+
+GGUF (``babai_ao.checkpoints.gguf``) is read back through transformers' GGUF loader, which
+dequantizes it with gguf-py, and run once like the other formats."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from .sources import load_model
 
 LEAFSPEC_NOTE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 EXPORT_MODES = {"pte": ("weight_only", "8da4w"), "onnx": ("qdq", "matmulnbits"),
-                "compressed-tensors": ("pack-quantized",)}
+                "compressed-tensors": ("pack-quantized",),
+                "gguf": ("auto", "q4_0", "q4_1", "q8_0")}
 
 
 class LogitsOnly(nn.Module):
@@ -47,6 +51,35 @@ def export_model(model: nn.Module, fmt: str, mode: str, path: Path, example: tor
         return to_onnx(wrapper, (example,), path, format=mode)
 
 
+def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: torch.Tensor
+                ) -> str:
+    """Write ``path`` (tokenizer and metadata from ``source``'s GGUF), load it back with
+    transformers and return the one-line summary with max |logits − eager|."""
+    from transformers import AutoModelForCausalLM
+
+    from babai_ao.checkpoints.gguf import save_gguf
+
+    from .runs import RUN_FILE, load_run
+    from .sources import SMOLLM2, resolve
+
+    where = resolve(source)
+    origin = str(load_run(where.directory).get("model") or "") if where.kind == "run" else source
+    if origin.lower() != SMOLLM2 and not origin.endswith(".gguf"):
+        raise BabaiError(f"{origin or where.directory / RUN_FILE} is not a GGUF model, so "
+                         "there is no tokenizer to copy: GGUF export takes models quantized "
+                         "from `smollm2` or a .gguf file")
+    found = resolve(origin)
+    gguf_source = found.directory / str(found.gguf_file)
+    save_gguf(model, path, mode=mode, source=gguf_source)
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (back(input_ids=example).logits - model(input_ids=example).logits).abs().max()
+    mib = path.stat().st_size / 2**20
+    return (f"wrote {path} ({mib:.1f} MiB, GGUF {mode}); read back by transformers: max "
+            f"|logits - eager| = {float(diff):.3g}")
+
+
 def export_example(tokenizer: Any, seq_len: int) -> torch.Tensor:
     """``[1, seq_len]`` token ids to trace and check the exported model with."""
     ids = tokenizer("The lattice of a linear layer", return_tensors="pt").input_ids[0]
@@ -69,7 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default / "compressed-tensors"
         return export_compressed_tensors(model, tokenizer, out, args.seq_len)
     path = Path(args.out) if args.out else default / f"model.{args.format}"
-    rep = export_model(model, args.format, mode, path, export_example(tokenizer, args.seq_len))
+    example = export_example(tokenizer, args.seq_len)
+    if args.format == "gguf":
+        say(export_gguf(model, args.model, mode, path, example))
+        return 0
+    rep = export_model(model, args.format, mode, path, example)
     say(rep.summary())
     return 0
 

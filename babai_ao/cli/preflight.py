@@ -78,6 +78,14 @@ def _export(args: argparse.Namespace) -> None:
     if (args.mode or modes[0]) == "8da4w" and shape.run_bits not in (None, 4):
         raise BabaiError(f"--mode 8da4w takes 4-bit layers; {args.model} holds "
                          f"{shape.run_bits}-bit layers: export it with --mode weight_only")
+    if args.format == "gguf" and resolve(args.model).kind == "run":
+        from .runs import load_run
+
+        run = load_run(resolve(args.model).directory)
+        if run.get("bits") not in (4, 8) or run.get("group_size") != 32:
+            raise BabaiError(f"{args.model} holds {run.get('bits')}-bit codes in groups of "
+                             f"{run.get('group_size')}; GGUF blocks hold 4- or 8-bit codes in "
+                             "groups of 32: quantize with --bits 4 --group-size 32")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -25,7 +25,9 @@ def make_config(args: argparse.Namespace) -> Any:
     extra = {k: v for k, v in (("target_bits", args.target_bits),
                                ("outlier_density", args.outlier_density)) if v is not None}
     return babai_config(bits=args.bits, group_size=args.group_size, order=args.order,
-                        clip=clip, refine=getattr(args, "refine", 0), **extra)
+                        clip=clip, refine=getattr(args, "refine", 0),
+                        symmetric=getattr(args, "symmetric", False),
+                        exact_offset=getattr(args, "exact_offset", False), **extra)
 
 
 def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
@@ -39,7 +41,8 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         "model": args.model, "bits": args.bits, "group_size": args.group_size,
         "order": args.order, "clip": args.clip, "mode": args.mode,
         "target_bits": args.target_bits, "outlier_density": args.outlier_density,
-        "refine": getattr(args, "refine", 0)}
+        "refine": getattr(args, "refine", 0), "symmetric": getattr(args, "symmetric", False),
+        "exact_offset": getattr(args, "exact_offset", False)}
     t0 = time.perf_counter()
     if args.mode == "rtn":
         from torchao.quantization import quantize_

@@ -5,6 +5,12 @@ as GPTQ's reference quantizer does) is split into ``2^b − 1`` steps, ``s = (ma
 (2^b − 1)``, ``z = round(−min / s)``. Symmetric: ``m = max|w|``, ``s = 2m / (2^b − 1)``,
 ``z = 2^(b−1)``. Scales are rounded to the storage dtype (float16 by default) *before*
 they are used, so the stored grid is exactly the grid the algorithm quantized to.
+
+``exact_offset=True`` (asymmetric grids) also keeps the offset ``s·z`` exact in the scale
+dtype: formats that store a minimum ``m = −s·z`` instead of a zero code (GGUF's Q4_1, ``w =
+d·q + m`` with fp16 ``d`` and ``m``) then decode to exactly this grid. Where ``s·z`` is not
+representable, the scale moves to the nearest storable value (a few fp16 ulps at 4 bits)
+whose offset is, and the zero is refit to it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class Grid:
     symmetric: bool = False
     clip: bool = True
     scale_dtype: torch.dtype = torch.float16
+    exact_offset: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -54,7 +61,37 @@ class Grid:
             scale = (hi - lo) / self.maxq
             scale = self.storable(scale)
             zero = torch.round(-lo / scale).clamp(0, self.maxq)
+            if self.exact_offset:
+                return self._exact_offsets(scale, zero, lo)
         return self.storable(scale), zero
+
+    def _exact_offsets(self, scale: torch.Tensor, zero: torch.Tensor, lo: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The storable scale nearest ``scale`` (0, +1, −1, +2 … ulps of the scale dtype) for
+        which ``s·z`` (``z = round(−lo/s)``) is exact in the scale dtype. A mantissa that is
+        a multiple of ``2^b`` always qualifies, so ``2^(b−1)`` ulps each way suffice."""
+        bits_dtype = {2: torch.int16, 4: torch.int32}[torch.finfo(self.scale_dtype).bits // 8]
+        raw = scale.to(self.scale_dtype).view(bits_dtype)
+        best_s, best_z = scale.clone(), zero.clone()
+        done = self._offset_exact(scale, zero)
+        for k in range(1, 2 ** (self.bits - 1) + 1):
+            for step in (k, -k):
+                cand = (raw + step).clamp(min=1).view(self.scale_dtype).to(scale.dtype)
+                z = torch.round(-lo / cand).clamp(0, self.maxq)
+                take = ~done & self._offset_exact(cand, z)
+                best_s, best_z = torch.where(take, cand, best_s), torch.where(take, z, best_z)
+                done |= take
+            if bool(done.all()):
+                break
+        if not bool(done.all()):
+            raise BabaiError(f"no {self.scale_dtype} scale near the min-max one keeps s·z "
+                             "exact for some groups: quantize without exact_offset")
+        return best_s, best_z
+
+    def _offset_exact(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Where ``s·z`` survives a round trip through the scale dtype unchanged."""
+        off = scale.double() * zero.double()
+        return off.to(self.scale_dtype).double() == off
 
     def storable(self, scale: torch.Tensor) -> torch.Tensor:
         """Round a scale to its storage dtype (never to zero) and back to the compute dtype."""

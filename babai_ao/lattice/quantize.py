@@ -110,6 +110,7 @@ def quantize_weight(
     zeros: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
     refine: int = 0,
+    exact_offset: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K] (``XᵀX`` of the layer's inputs).
 
@@ -120,8 +121,10 @@ def quantize_weight(
     ``scales``/``zeros`` [N, K // g] fix the grid (used by the no-clipping formats).
     ``refine`` > 0 runs that many coordinate-descent sweeps after Babai
     (``babai_ao.lattice.refine``): the error can only go down, ``identity`` keeps Babai's own.
+    ``exact_offset`` keeps ``s·z`` exact in ``scale_dtype`` (``Grid``; for GGUF's Q4_1).
     """
-    grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype)
+    grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype,
+                exact_offset=exact_offset)
     g = _check_weight(weight, group_size)
     n, k = weight.shape
     w = weight.detach().to(dtype).clone()

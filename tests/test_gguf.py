@@ -1,0 +1,243 @@
+"""GGUF export (``babai_ao.checkpoints.gguf``): our codes as llama.cpp blocks, bit-exact.
+
+Every quantized tensor written is read back with gguf-py's own reader and dequantizer and
+must equal our dequantized weight bit for bit (float32), after undoing llama.cpp's q/k row
+permutation; SmolLM2 is also loaded back through transformers' GGUF loader.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from babai_ao import babai_config, quantize_model
+from babai_ao.ao.tensor import BabaiQuantizedTensor
+from babai_ao.checkpoints import gguf as G
+from babai_ao.errors import BabaiError
+
+gguf = pytest.importorskip("gguf")
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantized_tiny(hidden: int = 64, **kwargs):
+    model = tiny_llama(hidden=hidden)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, babai_config(group_size=32, **kwargs), calib, progress=False)
+    return model
+
+
+def hf_to_gguf_names(model) -> dict[str, str]:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    return {names.get_name(n, try_suffixes=(".weight",)): n for n, _ in model.named_parameters()}
+
+
+def assert_bit_exact(model, path) -> int:
+    """Every tensor of the file decodes (gguf-py) to exactly the model's float32 weight;
+    returns how many quantized tensors were checked."""
+    reader = gguf.GGUFReader(path)
+    params = dict(model.named_parameters())
+    by_gguf = hf_to_gguf_names(model)
+    assert set(by_gguf) == {t.name for t in reader.tensors}
+    quantized = 0
+    for t in reader.tensors:
+        ours = params[by_gguf[t.name]].detach()
+        if isinstance(ours, BabaiQuantizedTensor):
+            quantized += 1
+            ours = ours.dequantize(torch.float32)
+        ours = ours.to(torch.float32).numpy()
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        heads = G._heads_of(t.name, model.config)
+        if heads is not None:
+            theirs = G.llama_unpermute(theirs, heads)
+        assert theirs.dtype == np.float32
+        assert np.array_equal(theirs.view(np.uint32), ours.view(np.uint32)), t.name
+    return quantized
+
+
+@pytest.mark.parametrize(("mode", "bits", "symmetric", "qtype"), [
+    ("q4_0", 4, True, "Q4_0"), ("q4_1", 4, False, "Q4_1"), ("q4_1", 4, True, "Q4_1"),
+    ("q8_0", 8, True, "Q8_0"), ("auto", 4, False, "Q4_1"), ("auto", 8, True, "Q8_0")])
+def test_tiny_llama_bit_exact(tmp_path, mode, bits, symmetric, qtype):
+    model = quantized_tiny(bits=bits, symmetric=symmetric, exact_offset=not symmetric)
+    path = G.save_gguf(model, tmp_path / "m.gguf", mode=mode, require_tokenizer=False)
+    assert assert_bit_exact(model, path) == 14
+    reader = gguf.GGUFReader(path)
+    kinds = {t.tensor_type.name for t in reader.tensors if ".attn_" in t.name and "norm" not in t.name}
+    assert kinds == {qtype}
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+
+
+def test_q8_0_writes_code_minus_128(tmp_path):
+    """Symmetric 8-bit codes reach 0 (w = −128·s): Q8_0 holds them as int8 −128, exactly."""
+    from babai_ao.formats.packing import pack
+
+    model = tiny_llama()
+    lin = model.model.layers[0].mlp.down_proj
+    weight = BabaiQuantizedTensor.from_hp(lin.weight.detach(), 8, 32, symmetric=True)
+    codes = weight.codes()
+    codes[0, 0] = 0  # w = −128·s: the grid's lowest point, reachable by Babai's updates
+    lin.weight = torch.nn.Parameter(weight._with(qdata=pack(codes, 8)), requires_grad=False)
+    assert int(lin.weight.codes()[0, 0]) == 0
+    path = G.save_gguf(model, tmp_path / "m.gguf", mode="q8_0", require_tokenizer=False)
+    assert assert_bit_exact(model, path) == 1
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.data[0, 2:34].view(np.int8)[0] == -128
+
+
+def test_permutation_matches_transformers():
+    """transformers' GGUF loader undoes our q/k permutation (q: all heads, k: kv heads)."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    rows = np.arange(16 * 4, dtype=np.float32).reshape(16, 4)
+    loader = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    for name, heads in (("blk.0.attn_q.weight", 4), ("blk.0.attn_k.weight", 2)):
+        permuted = G.llama_permute(rows, heads)
+        assert not np.array_equal(permuted, rows)
+        assert np.array_equal(loader.process(permuted, name).weights, rows)
+        assert np.array_equal(G.llama_unpermute(permuted, heads), rows)
+    # within a head, llama.cpp interleaves the two rotary halves: rows 0, 4, 1, 5, …
+    assert G.llama_permute(rows, 2)[:8, 0].tolist() == [0, 16, 4, 20, 8, 24, 12, 28]
+
+
+def test_q4_1_needs_exact_offsets(tmp_path):
+    model = quantized_tiny(bits=4, symmetric=False)  # plain min-max grid: s·z rounds in fp16
+    with pytest.raises(BabaiError, match="exact_offset=True") as e:
+        G.save_gguf(model, tmp_path / "m.gguf", mode="q4_1", require_tokenizer=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "mode", "match"), [
+    (dict(bits=3), "q4_1", "4-bit codes in groups of 32"),
+    (dict(bits=4, group_size=64, symmetric=True), "q4_0", "group_size=32"),
+    (dict(bits=4, symmetric=False, exact_offset=True), "q4_0", "symmetric=True"),
+    (dict(bits=8, symmetric=False), "q8_0", "symmetric=True"),
+    (dict(bits=4, clip="ssqr", outlier_density=0.05), "q4_1", "SSQR outliers"),
+    (dict(bits=4, clip="hptq", target_bits=4.0), "q4_0", "HPTQ"),
+])
+def test_bad_inputs_one_line(tmp_path, kwargs, mode, match):
+    kwargs.setdefault("group_size", 32)
+    model = tiny_llama(hidden=128)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, babai_config(**kwargs), calib, progress=False)
+    with pytest.raises(BabaiError, match=match) as e:
+        G.save_gguf(model, tmp_path / "m.gguf", mode=mode, require_tokenizer=False)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_needs_a_tokenizer_source(tmp_path):
+    model = quantized_tiny(bits=4, symmetric=True)
+    with pytest.raises(BabaiError, match="source="):
+        G.save_gguf(model, tmp_path / "m.gguf")
+
+
+def test_exact_offset_grid_is_fp16_exact():
+    from babai_ao import quantize_weight
+
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(256, 128)
+    plain = quantize_weight(w, x.T @ x, bits=4, group_size=32, order="act")
+    exact = quantize_weight(w, x.T @ x, bits=4, group_size=32, order="act", exact_offset=True)
+    assert not bool(G.fp16_exact(plain.scales.double() * plain.zeros).all())
+    assert bool(G.fp16_exact(exact.scales.double() * exact.zeros).all())
+    rel = (exact.scales.float() / plain.scales.float() - 1).abs().max()
+    assert float(rel) < 2**-6  # a few fp16 ulps
+    assert exact.certificate.error <= 1.05 * plain.certificate.error
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_smollm2_gguf_loads_in_transformers(tmp_path, smollm2_small, calibration_small,
+                                            symmetric):
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(smollm2_small[0])
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    quantize_model(model, babai_config(bits=4, group_size=32, symmetric=symmetric,
+                                       exact_offset=not symmetric),
+                   calibration_small[:2, :64], progress=False)
+    path = G.save_gguf(model, tmp_path / "smol.gguf")  # source found: the bundled GGUF
+    assert assert_bit_exact(model, path) == 7
+    reader = gguf.GGUFReader(path)
+    source = gguf.GGUFReader(G.default_source(model))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre",
+                "tokenizer.chat_template", "llama.rope.freq_base"):
+        assert reader.fields[key].contents() == source.fields[key].contents(), key
+    assert reader.fields["llama.block_count"].contents() == 1
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0"  # the source's bytes, copied
+    assert types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == ("Q4_0" if symmetric else "Q4_1")
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+    ids = calibration_small[:1, :48]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = back(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), float((got - want).abs().max())
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    """``babai-ao quantize smollm2`` (1 block, RTN, 4 bit g32, exact offsets): a Q4_1 run."""
+    from babai_ao import cli
+
+    run = tmp_path_factory.mktemp("gguf") / "rtn-w4g32"
+    assert cli.main(["quantize", "smollm2", "--num-layers", "1", "--mode", "rtn", "--bits",
+                     "4", "--group-size", "32", "--exact-offset", "--out", str(run),
+                     "--no-progress"]) == 0
+    return run
+
+
+@pytest.mark.model
+def test_cli_export_gguf(capsys, gguf_run):
+    import re
+
+    from babai_ao import cli
+
+    capsys.readouterr()
+    code = cli.main(["export", str(gguf_run), "--format", "gguf", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = gguf_run / "model.gguf"
+    diff = float(re.search(r"max \|logits - eager\| = ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4
+    reader = gguf.GGUFReader(path)
+    linears = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_q.weight")
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith(linears)} == {"Q4_1"}
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--mode", "q4_0"], "symmetric=True"),        # an asymmetric run as Q4_0
+    (["--mode", "q5_0"], "--mode q5_0"),           # no such mode
+    (["--out", "m.bin"], "does not end in .gguf"),
+])
+def test_cli_export_gguf_errors(capsys, gguf_run, tmp_path, argv, needle):
+    from babai_ao import cli
+
+    argv = [a if a != "m.bin" else str(tmp_path / a) for a in argv]
+    capsys.readouterr()
+    code = cli.main(["export", str(gguf_run), "--format", "gguf", "--out",
+                     str(tmp_path / "x.gguf"), *argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("babai-ao")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "x.gguf").exists()
