@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import babai_ao
-from babai_ao.ao.experts import BabaiExperts
+from babai_ao.ao.reference import dequantized_model
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, intermediate_size=128,
@@ -58,21 +58,6 @@ def build(family: str) -> torch.nn.Module:
     return auto.from_config(cfg).eval()
 
 
-def dequantized(model: torch.nn.Module, float_model: torch.nn.Module) -> torch.nn.Module:
-    """``float_model`` holding ``model``'s dequantized weights."""
-    ref = copy.deepcopy(float_model)
-    quantized = dict(model.named_modules())
-    for name, module in ref.named_modules():
-        q = quantized.get(name)
-        if isinstance(q, BabaiExperts):
-            module.gate_up_proj.data = q.dequantize("gate_up")
-            module.down_proj.data = q.dequantize("down")
-        elif q is not None and hasattr(getattr(q, "weight", None), "dequantize"):
-            w = q.weight.detach()
-            module.weight.data = w.dequantize().reshape(module.weight.shape)
-    return ref
-
-
 def measure(family: str) -> dict[str, Any]:
     model = build(family)
     float_model = copy.deepcopy(model)
@@ -83,7 +68,7 @@ def measure(family: str) -> dict[str, Any]:
         report = babai_ao.quantize_model(model, babai_ao.babai_config(bits=4, group_size=32),
                                          ids, progress=False)
     seconds = time.perf_counter() - t0
-    ref = dequantized(model, float_model)
+    ref = dequantized_model(model, float_model)
     with torch.no_grad():
         diff = float((model(ids).logits - ref(ids).logits).abs().max())
         torch._dynamo.reset()

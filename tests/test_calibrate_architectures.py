@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMa
 from transformers.pytorch_utils import Conv1D
 
 from babai_ao import BabaiError, HessianAccumulator, babai_config, quantize_weight
+from babai_ao.ao.reference import dequantized_model
 from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.calibration.discovery import find_blocks
 from babai_ao.calibration.layers import is_quantizable, weight_matrix
@@ -53,17 +54,6 @@ def block_layers(model: nn.Module) -> dict[str, nn.Module]:
             for n, m in b.named_modules() if is_quantizable(m)}
 
 
-def dequantized_copy(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
-    """The float model with every quantized weight replaced by its dequantized values."""
-    ref = copy.deepcopy(float_model)
-    mods = dict(ref.named_modules())
-    for name, m in quantized.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, nn.Parameter) and type(w.detach()) is not torch.Tensor:
-            mods[name].weight.data = w.detach().dequantize()  # stored layout ([in, out] for Conv1D)
-    return ref
-
-
 def reference_hessians(model: nn.Module, calibration: dict | torch.Tensor, batch: int
                        ) -> dict[str, torch.Tensor]:
     """Independent ``XᵀX`` of every block layer's input over the non-padded tokens only."""
@@ -88,7 +78,7 @@ def reference_hessians(model: nn.Module, calibration: dict | torch.Tensor, batch
 def assert_output_equals_dequantized(float_model, quantized, **inputs):
     with torch.no_grad():
         got = quantized(**inputs).logits
-        want = dequantized_copy(float_model, quantized)(**inputs).logits
+        want = dequantized_model(quantized, float_model)(**inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -286,7 +276,7 @@ def test_generic_model_quantized():
     kinds = {p.name: p.kind for p in report.float_parameters}
     assert kinds["head.weight"] == "outside blocks" and kinds["embed.weight"] == "embedding"
     with torch.no_grad():
-        torch.testing.assert_close(model(calib), dequantized_copy(flt, model)(calib))
+        torch.testing.assert_close(model(calib), dequantized_model(model, flt)(calib))
 
 
 def test_discovery_errors_name_what_was_found():

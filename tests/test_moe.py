@@ -14,6 +14,7 @@ import torch
 import babai_ao
 from babai_ao import BabaiError
 from babai_ao.ao.experts import BabaiExperts
+from babai_ao.ao.reference import dequantized_model
 from babai_ao.calibration import experts as moe
 from babai_ao.calibration.blocks import calibration_batches, decoder_blocks, first_block_inputs
 
@@ -36,20 +37,6 @@ def tiny(family: str) -> torch.nn.Module:
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
 CONFIG = babai_ao.babai_config(bits=4, group_size=32)
-
-
-def dequantized_copy(model: torch.nn.Module, float_model: torch.nn.Module) -> torch.nn.Module:
-    """``float_model`` with every weight replaced by ``model``'s dequantized one."""
-    ref = copy.deepcopy(float_model)
-    mods = dict(model.named_modules())
-    for name, m in ref.named_modules():
-        q = mods.get(name)
-        if isinstance(q, BabaiExperts):
-            m.gate_up_proj.data = q.dequantize("gate_up")
-            m.down_proj.data = q.dequantize("down")
-        elif isinstance(m, torch.nn.Linear) and hasattr(q.weight, "dequantize"):
-            m.weight.data = q.weight.dequantize()
-    return ref
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -84,7 +71,7 @@ def test_every_expert_weight_is_quantized(quantized) -> None:
 
 def test_outputs_equal_the_dequantized_model_eager_and_compiled(quantized) -> None:
     family, model, float_model, _ = quantized
-    ref = dequantized_copy(model, float_model)
+    ref = dequantized_model(model, float_model)
     with torch.no_grad():
         got, want = model(IDS).logits, ref(IDS).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -6,7 +6,8 @@ device kernels of ``babai_ao.kernels``. ``tensor`` (``BabaiQuantizedTensor``) an
 (``HuffmanQuantizedTensor``) are ``TorchAOBaseTensor`` subclasses holding the stored formats
 and dispatching to those ops; ``config`` is ``BabaiConfig`` for ``quantize_`` (``observe``
 records Hessians for its observe/convert flow), ``embedding`` the config for embedding
-tables; ``experts`` (``BabaiExperts``) the module holding a fused MoE layer's packed experts; ``integration`` adds all of them to torchao's and transformers' allow-lists, and
+tables; ``experts`` (``BabaiExperts``) the module holding a fused MoE layer's packed experts;
+``reference`` the float model holding a quantized model's dequantized weights; ``integration`` adds all of them to torchao's and transformers' allow-lists, and
 ``integrity`` writes a digest of each quantized tensor into checkpoints and checks it when
 torchao or ``torch.load`` rebuilds the tensor.
 
