@@ -67,6 +67,12 @@ def test_every_expert_weight_is_quantized(quantized) -> None:
     assert report.quantized_parameters >= experts
     assert report.quantized_parameters + sum(f.numel for f in report.float_parameters) == \
         report.total_parameters
+    from babai_ao.cli.runs import stored_bits_per_weight
+
+    # 4-bit codes + fp16 scale and 4-bit zero per 32 weights, linears and experts alike
+    assert stored_bits_per_weight(model) == pytest.approx(4 + 16 / 32 + 4 / 32, abs=0.01)
+    ex = model.model.layers[0].mlp.experts
+    assert 8 * ex.nbytes_stored == pytest.approx(ex.quantized_numel() * (4 + 16 / 32 + 4 / 32))
 
 
 def test_outputs_equal_the_dequantized_model_eager_and_compiled(quantized) -> None:

@@ -123,6 +123,11 @@ class BabaiExperts(nn.Module):
         """Weights held: ``E · (2I·H + H·I)`` (what the float experts had)."""
         return self.num_experts * 3 * self.intermediate_dim * self.hidden_dim
 
+    @property
+    def nbytes_stored(self) -> int:
+        """Bytes of the packed codes, scales and zeros of every expert."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
     def spec(self) -> dict[str, Any]:
         """What a loader needs to rebuild this module empty (written to config.json)."""
         return {"bits": self.bits, "group_size": self.group_size, "act": self.act}

@@ -71,7 +71,8 @@ def report_rows(report: QuantizationReport) -> list[dict[str, Any]]:
 
 
 def stored_bits_per_weight(model: nn.Module) -> float | None:
-    """Average stored bits per weight of the quantized decoder linears (``None``: none are).
+    """Average stored bits per weight of the quantized block layers and MoE experts
+    (``None``: none are quantized).
 
     Counts the bytes of every stored tensor of a weight (codes, scales, zeros, outliers).
     """
@@ -88,6 +89,10 @@ def stored_bits_per_weight(model: nn.Module) -> float | None:
         else:
             continue
         count += numel
+    for module in model.modules():  # fused MoE experts: packed buffers, no weight parameter
+        if callable(getattr(module, "quantized_numel", None)):
+            bits += 8 * module.nbytes_stored
+            count += module.quantized_numel()
     return bits / count if count else None
 
 
