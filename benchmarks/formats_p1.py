@@ -188,7 +188,9 @@ def run(rows: list[str]) -> None:
 LABELS = {"rtn": "RTN g64 (clipped)",
           "babai": "Babai/GPTQ g64 (clipped, natural order, observe-mode H)",
           "p1": "Babai/GPTQ g64 (clipped, sequential calibration; P1 table)", "hrtn": "HRTN",
-          "hptq": "HPTQ (per tensor)", "ssqr": "SSQR g64"}
+          "hptq": "HPTQ (per tensor)", "ssqr": "SSQR g64",
+          "hptqseq": "HPTQ (per tensor, sequential calibration; P1 table)",
+          "ssqrseq": "SSQR g64 (sequential calibration; P1 table)"}
 
 
 def _kind(row: str | dict) -> str:
@@ -198,16 +200,22 @@ def _kind(row: str | dict) -> str:
 
 
 def sequential_rows() -> list[dict]:
-    """Clipped rows of the P1 table (``benchmarks/p1.py``, sequential calibration) in this
-    report's shape, so the formats are also compared with our best clipped GPTQ."""
+    """Rows of the P1 table (``benchmarks/p1.py``, sequential calibration) in this report's
+    shape: clipped grids, and the no-clipping formats calibrated sequentially."""
     rows = []
     for path in sorted(P1_RUNS.glob("*.json")):
         r = json.loads(path.read_text())
         if r.get("method") not in ("rtn", "babai") or r.get("mode", "sequential") != "sequential":
             continue
+        fmt = r.get("format", "grid")
+        if fmt in ("hptq", "ssqr"):  # no clipping: the certificate's E <= B count
+            checks = r["bound_checks"]
+            holds, kind = f"{checks['E_le_B']}/{checks['layers']}", f"{fmt}seq"
+        else:
+            holds, kind = "n/a (clipped)", "p1" if r["method"] == "babai" else "rtn"
         rows.append({"row": f"{path.stem}", "bits": r["avg_bits_per_weight"], "ppl": r["ppl"],
-                     "bound_holds": "n/a (clipped)", "quantize_s": r["quant_seconds"],
-                     "date": r["date"][:10], "kind": "p1" if r["method"] == "babai" else "rtn"})
+                     "bound_holds": holds, "quantize_s": r["quant_seconds"],
+                     "date": r["date"][:10], "kind": kind})
     return rows
 
 
@@ -221,8 +229,9 @@ def report() -> str:
     results.update({r["row"]: r for r in sequential_rows()})
     rows = sorted(results.values(), key=lambda r: (round(r["bits"]), r["bits"], r["ppl"]))
     lines = [BEGIN,
-             "Observe-mode Hessians for every row (see above). `E ≤ B layers`: no-clipping "
-             "rows whose certificate holds (clipped rows have no bound).", "",
+             "Observe-mode Hessians unless the row says sequential calibration (see above). "
+             "`E ≤ B layers`: no-clipping rows whose certificate holds (clipped rows have no "
+             "bound).", "",
              "| row | bits/weight (measured) | WikiText-2 PPL (P1) | E ≤ B layers | "
              "quantize s | date |", "|---|---|---|---|---|---|"]
     for r in rows:
