@@ -265,3 +265,18 @@ def test_demo_small(capsys, tmp_path):
     assert {"report.md", "bits_vs_ppl.png", "babai-w4g64-1blocks.pte",
             "babai-w4g64-1blocks.onnx", "babai-w4g64-act-seq", "rtn-w4g64"} <= files
     assert _leftovers(tmp_path) == ["demo"]
+
+
+@pytest.mark.model
+def test_quantize_hptq_sequential_from_the_command_line(capsys, tmp_path):
+    """The README's best format with sequential calibration, from the CLI (was refused)."""
+    out = tmp_path / "hptq"
+    code, stdout, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--clip",
+                                "hptq", "--target-bits", "3.3", "--mode", "sequential",
+                                *SMALL_CALIB, "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert "E <= B on 7/7 unclipped layers" in stdout
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["mode"] == "sequential" and record["clip"] == "hptq"
+    assert record["avg_bits_per_weight"] == pytest.approx(3.3, abs=0.05)
+    assert all(r["bound_holds"] for r in record["layers"])
