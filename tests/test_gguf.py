@@ -80,6 +80,18 @@ def test_tiny_llama_bit_exact(tmp_path, mode, bits, symmetric, qtype):
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2
 
 
+def test_f32_mode_writes_our_dequantized_weights(tmp_path):
+    """``mode="f32"``: every tensor F32, quantized ones our dequantized weights; a float
+    model (nothing quantized) is written too."""
+    model = quantized_tiny(bits=4, symmetric=True)
+    for m in (model, tiny_llama()):
+        path = G.save_gguf(m, tmp_path / "m.gguf", mode="f32", require_tokenizer=False)
+        assert assert_bit_exact(m, path) == (14 if m is model else 0)
+        reader = gguf.GGUFReader(path)
+        assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+        assert reader.fields["general.file_type"].contents() == 0
+
+
 def test_q8_0_writes_code_minus_128(tmp_path):
     """Symmetric 8-bit codes reach 0 (w = −128·s): Q8_0 holds them as int8 −128, exactly."""
     from babai_ao.formats.packing import pack
