@@ -80,6 +80,18 @@ def test_tiny_llama_bit_exact(tmp_path, mode, bits, symmetric, qtype):
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2
 
 
+def test_f32_mode_writes_our_dequantized_weights(tmp_path):
+    """``mode="f32"``: every tensor F32, quantized ones our dequantized weights; a float
+    model (nothing quantized) is written too."""
+    model = quantized_tiny(bits=4, symmetric=True)
+    for m in (model, tiny_llama()):
+        path = G.save_gguf(m, tmp_path / "m.gguf", mode="f32", require_tokenizer=False)
+        assert assert_bit_exact(m, path) == (14 if m is model else 0)
+        reader = gguf.GGUFReader(path)
+        assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+        assert reader.fields["general.file_type"].contents() == 0
+
+
 def test_q8_0_writes_code_minus_128(tmp_path):
     """Symmetric 8-bit codes reach 0 (w = −128·s): Q8_0 holds them as int8 −128, exactly."""
     from babai_ao.formats.packing import pack
@@ -241,3 +253,70 @@ def test_cli_export_gguf_errors(capsys, gguf_run, tmp_path, argv, needle):
     lines = [ln for ln in err.splitlines() if ln.startswith("babai-ao")]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ---- Q4_K: Babai's codes on llama.cpp's super-block grid --------------------------------
+def correlated_hessian(k: int, seed: int = 0) -> torch.Tensor:
+    """``XᵀX`` of inputs with strongly correlated neighbouring features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * k, k, generator=g, dtype=torch.float64)
+    x = x + 0.9 * torch.roll(x, 1, dims=1) + 0.5 * torch.randn(4 * k, 1, generator=g,
+                                                                dtype=torch.float64)
+    return x.T @ x
+
+
+def test_q4_k_packing_round_trips_every_6_bit_value():
+    """Random scales/mins over all of 0..63 and random codes: gguf-py decodes our bytes to
+    ``(d·sc)·q − dmin·m`` bit for bit."""
+    from babai_ao.checkpoints import gguf_q4k as K
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 5, 512
+    grid = K.Q4KGrid(d=torch.rand(n, k // 256, generator=g).half() * 0.01,
+                     dmin=torch.rand(n, k // 256, generator=g).half() * 0.01,
+                     sc=torch.randint(0, 64, (n, k // 32), generator=g),
+                     m=torch.randint(0, 64, (n, k // 32), generator=g))
+    q = K.Q4KWeight(torch.randint(0, 16, (n, k), generator=g), grid, 0.0, 0)
+    blocks = K.encode_q4_k(q)
+    assert blocks.shape == (n, 2 * 144)
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(n, k)
+    assert np.array_equal(theirs.view(np.uint32), q.dequantize().numpy().view(np.uint32))
+
+
+def test_q4_k_babai_bit_exact_and_beats_rtn():
+    """A tiny Llama's q_proj (hidden 256: one super-block per row): Babai on the fitted Q4_K
+    grid decodes (gguf-py) to exactly our weight, and its output error is below RTN's on
+    the same grid for a correlated Hessian."""
+    from babai_ao.checkpoints import gguf_q4k as K
+
+    w = tiny_llama(hidden=256).model.layers[0].self_attn.q_proj.weight.detach()
+    h = correlated_hessian(w.shape[1])
+    grid = K.fit_q4_k(w)
+    babai = K.quantize_q4_k(w, h, grid=grid)
+    rtn = K.quantize_q4_k(w, None, grid=grid)
+    assert int(babai.codes.min()) >= 0 and int(babai.codes.max()) <= 15
+    for q in (babai, rtn):
+        theirs = gguf.quants.dequantize(K.encode_q4_k(q), gguf.GGMLQuantizationType.Q4_K)
+        ours = q.dequantize().numpy()
+        assert np.array_equal(theirs.reshape(ours.shape).view(np.uint32), ours.view(np.uint32))
+    diff = w.double() - rtn.dequantize().double()
+    rtn_error = float(((diff @ h) * diff).sum())
+    assert rtn.error == pytest.approx(float(diff.pow(2).sum()))  # H = I for RTN's own
+    assert babai.error < 0.8 * rtn_error, (babai.error, rtn_error)
+
+
+def test_q4_k_fit_and_errors():
+    """The fitted grid holds each sub-block's min-max range up to the 6-bit rounding; K must
+    be a multiple of 256."""
+    from babai_ao.checkpoints import gguf_q4k as K
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(4))
+    grid = K.fit_q4_k(w)
+    assert int(grid.sc.min()) >= 1 and int(grid.sc.max()) == 63
+    rtn = K.quantize_q4_k(w)
+    sub = w.reshape(8, 8, 32)
+    step = (sub.amax(-1).clamp(min=0) - sub.amin(-1).clamp(max=0)) / 15
+    err = (w - rtn.dequantize()).abs().reshape(8, 8, 32).amax(-1)
+    assert bool((err <= 1.1 * step).all())  # half a step, plus the 6-bit scale rounding
+    with pytest.raises(BabaiError, match="multiple of 256"):
+        K.fit_q4_k(torch.randn(4, 128))

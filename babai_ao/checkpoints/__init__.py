@@ -5,6 +5,8 @@
 Serving formats belong here, one module each: ``compressed_tensors`` writes the
 compressed-tensors "pack-quantized" layout (llm-compressor's; vLLM serves it, transformers
 loads it) holding babai-ao's codes, scales and zeros bit for bit; ``gguf`` writes GGUF files
-for llama.cpp, our codes as Q4_0/Q4_1/Q8_0 blocks, bit-exact. Imports from ``ao`` (the tensor
-classes) and ``formats``.
+for llama.cpp, our codes as Q4_0/Q4_1/Q8_0 blocks, bit-exact; ``gguf_q4k`` runs Babai's
+nearest plane on llama.cpp's Q4_K super-block grid (real-valued offsets) and encodes the codes
+as Q4_K blocks, bit-exact. Imports from ``ao`` (the tensor classes), ``formats`` and
+``lattice``.
 """

