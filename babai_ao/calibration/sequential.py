@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ from .layers import (
 )
 from .replay import Replay
 from .report import LayerReport, QuantizationReport
+from .streaming import BlockStream
 
 __all__ = ["QuantizationReport", "decoder_blocks", "install", "layer_hessians",
            "quantize_model"]
@@ -246,8 +248,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
 
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
-                   filter_fn: Callable[[nn.Module, str], bool] | None = None
-                   ) -> QuantizationReport:
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                   stream: BlockStream | None = None) -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
@@ -259,6 +261,9 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     order) or ``"observe"`` (Hessians of the float model). ``blocks``: attribute path of the
     block list (``"bert.encoder.layer"``; ``None``: found, ``discovery.find_blocks``).
     ``filter_fn(module, name)``: which layers to quantize (``None``: all in the blocks).
+    ``stream``: a ``streaming.BlockStream`` for a model built on the meta device
+    (``streaming.empty_model``): each block is read from the checkpoint, quantized, handed to
+    the stream's sink and freed; with a saved state the run resumes after its last block.
     Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
@@ -283,21 +288,34 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     bar = None
     try:
         with torch.no_grad():
-            inputs = first_block_inputs(model, stack[0], batches)
-        steps: Iterable[int] = range(len(stack))
+            start, done = 0, []
+            if stream is None:
+                inputs = first_block_inputs(model, stack[0], batches)
+            else:
+                start, inputs, done = stream.begin(
+                    model, path, stack, batches, {**qkwargs, "mode": mode,
+                                                  "batch_size": batch_size},
+                    lambda: first_block_inputs(model, stack[0], batches))
+        report.rows += [LayerReport(**r) for r in done]
+        steps: Iterable[int] = range(start, len(stack))
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(steps, desc=f"quantize ({mode})", unit="block")
+            bar = tqdm(steps, desc=f"quantize ({mode})", unit="block", initial=start,
+                       total=len(stack))
             steps = bar
         for b in steps:
             prefix = f"{path}.{b}"
+            if stream is not None:
+                stream.load_block(b)
             stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
                                              last=b == len(stack) - 1, bar=bar)
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
+            if stream is not None:
+                stream.finish_block(b, [asdict(r) for r in report.rows], inputs)
     finally:
         if bar is not None:
             bar.close()
