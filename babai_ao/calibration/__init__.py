@@ -10,8 +10,11 @@ linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, 
 quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
 from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
-SmolLM2, ``evaluate`` measures perplexity.
+SmolLM2, ``evaluate`` measures perplexity. ``streaming`` calibrates a model larger than
+memory: parameters on the meta device, each block read from its checkpoint (safetensors or
+GGUF) only while it is calibrated, handed to a sink and freed; ``resume`` keeps a streamed
+run's state (finished blocks, the next block's inputs) so a crashed run resumes.
 
-Imports from ``lattice`` and ``ao``; distributed and streamed (larger-than-memory)
-calibration belong here, beside ``sequential``.
+Imports from ``lattice`` and ``ao``; distributed calibration belongs here too, beside
+``sequential``.
 """

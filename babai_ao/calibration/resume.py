@@ -18,6 +18,7 @@ the saved inputs when its block reruns. Size: ``n·T·d·4`` bytes of hidden sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -98,3 +99,12 @@ class CalibrationState:
             "next_block": next_block, "rows": rows, "inputs": name})
         if old is not None and old["inputs"] != name:
             (self.directory / old["inputs"]).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove the state's files (after the run completed); the directory too if empty."""
+        saved = self._read()
+        if saved is not None:
+            (self.directory / saved["inputs"]).unlink(missing_ok=True)
+        (self.directory / STATE_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # holds other files: left alone
+            self.directory.rmdir()

@@ -22,7 +22,9 @@ the result is the same, and the block's linear FLOPs are spent once instead of o
 stage. A replayed output that was modified in place is recomputed instead.
 
 Memory is one block's activations: inputs and outputs of all calibration windows, and up to
-``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated. Hooks are always
+``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated — plus the model,
+unless it is streamed (``stream=``: ``streaming.BlockStream`` reads each block only while it
+is calibrated, then writes and frees it). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
 """
 
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch

@@ -2,7 +2,7 @@
 
 ``main`` (``app``) parses, checks every argument before any work (``preflight``) and
 dispatches; each command has its module (``quantize``, ``evaluate``, ``export``,
-``report``, ``demo``), sharing ``sources`` (the
+``report``, ``demo``; ``stream`` is ``quantize --stream``/``--save-state``), sharing ``sources`` (the
 MODEL argument), ``depth`` (the blocks a run kept of the model's: "first 2 of 30 blocks") and
 ``output`` (messages, directories written atomically). ``runs`` reads and writes
 ``babai_run.json`` records, ``plots`` draws them. Every step is a library call

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--num-layers", type=int, help="keep only the first N decoder blocks")
+    q.add_argument("--stream", action="store_true",
+                   help="build the model on the meta device and read, quantize, write and free "
+                        "one block at a time (models larger than memory)")
+    q.add_argument("--save-state", metavar="DIR",
+                   help="streamed run (implies --stream) that saves finished blocks and the next "
+                        "block's inputs in DIR; rerunning the same command resumes there")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

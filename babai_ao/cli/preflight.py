@@ -7,7 +7,8 @@ weights), so a bad request fails in a second with one line, ``babai-ao: error: <
 * numbers in range (windows, lengths, token counts, threads, blocks to keep);
 * sequence lengths against the model's context, ``--num-layers`` against its depth;
 * ``--group-size`` against every decoder linear's ``in_features`` (from the config);
-* combinations: the no-clipping formats' rate arguments, ``--clip false`` (the packed
+* combinations: ``--stream`` / ``--save-state`` (calibrated modes, float sources), the
+  no-clipping formats' rate arguments, ``--clip false`` (the packed
   format cannot hold codes outside the b-bit range), export modes and file suffixes;
 * files by their content: a ``.gguf`` by its magic bytes (``sources.resolve``), text
   files (calibration / test data) as UTF-8.
@@ -42,6 +43,7 @@ def _quantize(args: argparse.Namespace) -> None:
     _at_least(args, "refine", minimum=0)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
+    _streaming(args)
     shape = _model_shape(args.model, args.num_layers)
     _fits_context(args, shape, "calib_len", "--calib-len")
     _group_divides(args.group_size, shape)
@@ -131,6 +133,25 @@ def _compressed_tensors_export(args: argparse.Namespace) -> None:
                          "directory: give a directory name")
     if out.exists():
         raise BabaiError(f"{out} already exists: choose another --out")
+
+
+def _streaming(args: argparse.Namespace) -> None:
+    """``--stream`` / ``--save-state``: a float source, a calibrated mode, a usable state dir."""
+    if not (getattr(args, "stream", False) or getattr(args, "save_state", None)):
+        return
+    flag = "--save-state" if args.save_state else "--stream"
+    if args.mode == "rtn":
+        raise BabaiError(f"{flag} streams calibrated runs: use --mode sequential or observe "
+                         "(rtn needs no calibration; run it without --stream)")
+    if resolve(args.model).kind == "run":
+        raise BabaiError(f"{flag} reads float weights; {args.model} is already quantized: "
+                         "give the float model (smollm2, a .gguf file or a transformers dir)")
+    if args.save_state:
+        state = Path(args.save_state)
+        if state.exists() and not state.is_dir():
+            raise BabaiError(f"--save-state {state} is a file: give a directory")
+        if state.resolve() == Path(args.out).resolve():
+            raise BabaiError("--save-state must differ from --out: give another directory")
 
 
 # ---- shared checks -------------------------------------------------------------------------

@@ -31,9 +31,10 @@ def make_config(args: argparse.Namespace) -> Any:
 
 
 def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, stream: Any = None) -> dict[str, Any]:
     """Quantize ``model`` in place with ``config`` (``make_config(args)``) and the
-    calibration/mode in ``args``; returns the run record (no perplexity yet)."""
+    calibration/mode in ``args``; returns the run record (no perplexity yet). ``stream``: a
+    ``BlockStream`` for a meta-device model (``stream.quantize_streamed``)."""
     from . import runs
 
     record: dict[str, Any] = {
@@ -61,7 +62,8 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         record["calibration"] = {"file": args.calib_file or "wiki.valid.tokens (default)",
                                  "windows": args.calib_windows, "seq_len": args.calib_len,
                                  "seed": args.seed}
-        report = quantize_model(model, config, calib, mode=args.mode, progress=progress)
+        report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
+                                stream=stream)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
     record.update(runs.coverage_fields(model, record["layers"]))
@@ -86,6 +88,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # before any work
         raise BabaiError(f"{out} already exists: choose another --out or pass --overwrite")
     config = make_config(args)
+    if getattr(args, "stream", False) or getattr(args, "save_state", None):
+        from .stream import quantize_streamed
+
+        record = quantize_streamed(args, config)
+        summary(record)
+        say(f"saved to {out} (next: `babai-ao eval {out}`)")
+        return 0
     model, tokenizer, depth = load_measured(args.model, args.num_layers)
     record = quantize_loaded(model, tokenizer, args, config, progress=not args.no_progress)
     record.update(depth.fields())

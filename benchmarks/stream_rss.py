@@ -1,0 +1,154 @@
+"""Peak resident memory of ``quantize_model`` in memory vs streamed (issue 19), on SmolLM2.
+
+Each mode runs in a fresh subprocess: import everything, make the calibration windows, read
+the process's RSS (``base``), then quantize and save the model; the peak is ``ru_maxrss``.
+``net = peak − base``. ``memory``: ``load_smollm2`` + ``quantize_model`` +
+``hf.save_pretrained``. ``stream``: ``empty_model`` + ``quantize_model(stream=BlockStream(
+SafetensorsSource(fp32 copy), ShardWriter))`` + ``commit``. Both outputs are hashed tensor by
+tensor, so the run also says whether the streamed checkpoint equals the in-memory one.
+
+The bound of the issue: ``1.5 × (one block's fp32 weights + calibration activations +
+embedding)``, the activations being one copy of the hidden states ``n·T·d·4`` bytes.
+
+    python benchmarks/stream_rss.py                      # P1: 128×512, w4g64 act, sequential
+    python benchmarks/stream_rss.py --num-layers 4       # a cut model (faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MB = 1 << 20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _digest(directory: Path) -> str:
+    from safetensors import safe_open
+
+    tensors: dict[str, bytes] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118
+                tensors[k] = h.get_tensor(k).contiguous().view(-1).view(
+                    __import__("torch").uint8).numpy().tobytes()
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k])
+    return h.hexdigest()
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import babai_ao
+    from babai_ao.calibration.data import calibration_windows
+    from babai_ao.calibration.models import fp32_copy_dir, load_smollm2
+    from babai_ao.calibration.sequential import quantize_model
+    from babai_ao.calibration.streaming import BlockStream, SafetensorsSource, empty_model
+    from babai_ao.checkpoints.hf import save_pretrained
+    from babai_ao.checkpoints.streamed import ShardWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(fp32_copy_dir())
+    calib = calibration_windows(tokenizer, n=args.calib_n, seq_len=args.calib_len, seed=0)
+    config = babai_ao.babai_config(bits=4, group_size=64, order="act")
+    out = Path(tempfile.mkdtemp(prefix="stream-rss-"))
+    if args.replay_budget is not None:  # bytes of replayed outputs kept per block
+        from babai_ao.calibration import replay
+
+        replay.REPLAY_BUDGET = args.replay_budget
+    base = _rss()
+    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    if args.child == "memory":
+        model, _ = load_smollm2(num_layers=args.num_layers)
+        quantize_model(model, config, calib, progress=False)
+        save_pretrained(model, out, config)
+    else:
+        hf = AutoConfig.from_pretrained(fp32_copy_dir())
+        if args.num_layers is not None:
+            hf.num_hidden_layers = args.num_layers
+            if getattr(hf, "layer_types", None):
+                hf.layer_types = hf.layer_types[:args.num_layers]
+        model = empty_model(hf)
+        source = SafetensorsSource(fp32_copy_dir())
+        sink = ShardWriter(out, hf.num_hidden_layers)
+        quantize_model(model, config, calib, progress=False, stream=BlockStream(source, sink))
+        sink.commit(model, source, out, config, "model.layers")
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    text = model.config.get_text_config()
+    d, vocab = text.hidden_size, text.vocab_size
+    block = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    return {"mode": args.child, "replay_budget": args.replay_budget, "base_rss": base, "peak_before_run": base_peak, "peak": peak,
+            "net_peak": peak - base, "seconds": seconds, "digest": _digest(out),
+            "block_fp32_bytes": block, "embedding_bytes": vocab * d * 4,
+            "activation_bytes": args.calib_n * args.calib_len * d * 4,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-layers", type=int, help="keep the first N blocks (default: all 30)")
+    p.add_argument("--calib-n", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--modes", default="stream,memory")
+    p.add_argument("--replay-budget", type=int,
+                   help="bytes of recorded outputs replayed per block (default: replay's 2 GiB; "
+                        "0 recomputes them, saving that memory)")
+    p.add_argument("--out", help="result JSON (default: benchmarks/results/stream_rss[-N].json)")
+    p.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    results = {}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--child", mode, "--calib-n", str(args.calib_n),
+               "--calib-len", str(args.calib_len)]
+        if args.num_layers is not None:
+            cmd += ["--num-layers", str(args.num_layers)]
+        if args.replay_budget is not None:
+            cmd += ["--replay-budget", str(args.replay_budget)]
+        run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode}: peak {r['peak'] / MB:.0f} MB, base {r['base_rss'] / MB:.0f} MB, "
+              f"net {r['net_peak'] / MB:.0f} MB, {r['seconds']:.0f} s", flush=True)
+    any_r = next(iter(results.values()))
+    bound = 1.5 * (any_r["block_fp32_bytes"] + any_r["activation_bytes"]
+                   + any_r["embedding_bytes"])
+    summary = {"num_layers": args.num_layers, "calib": [args.calib_n, args.calib_len],
+               "bound_bytes": bound, "results": results, "uptime": os.getloadavg(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if "stream" in results:
+        summary["stream_net_within_bound"] = results["stream"]["net_peak"] <= bound
+    if len({r["digest"] for r in results.values()}) == 1 and len(results) > 1:
+        summary["outputs_identical"] = True
+    elif len(results) > 1:
+        summary["outputs_identical"] = False
+    print(f"bound 1.5×(block {any_r['block_fp32_bytes'] / MB:.1f} + activations "
+          f"{any_r['activation_bytes'] / MB:.1f} + embedding {any_r['embedding_bytes'] / MB:.1f}"
+          f" MB) = {bound / MB:.0f} MB; identical outputs: {summary.get('outputs_identical')}")
+    suffix = f"-{args.num_layers}" if args.num_layers is not None else ""
+    path = Path(args.out or Path(__file__).parent / "results" / f"stream_rss{suffix}.json")
+    path.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
