@@ -300,3 +300,21 @@ def test_cli_stream_argument_checks(tmp_path, capsys, extra, problem):
     assert main(["quantize", "smollm2", "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
     assert problem in err and err.count("\n") == 1
+
+
+def test_shared_inputs_keep_one_copy_of_equal_tensors():
+    from babai_ao.calibration.streaming import shared_inputs
+
+    cos, sin = torch.rand(2, 5, 4), torch.rand(2, 5, 4)
+    hidden = [torch.rand(2, 5, 8) for _ in range(3)]
+    inputs = [(hidden[0], (), {"position_embeddings": (cos, sin), "attention_mask": None}),
+              (hidden[1], (), {"position_embeddings": (cos.clone(), sin.clone()),
+                               "attention_mask": None}),
+              (hidden[2], (), {"position_embeddings": (cos[:1].clone(), sin + 1),
+                               "attention_mask": None})]
+    out = shared_inputs(inputs)
+    assert [o[0] for o in out] == hidden  # hidden states untouched
+    assert out[1][2]["position_embeddings"][0] is cos and out[1][2]["position_embeddings"][1] is sin
+    other = out[2][2]["position_embeddings"]  # other shape / other values: its own tensors
+    assert other[0] is inputs[2][2]["position_embeddings"][0]
+    assert other[1] is inputs[2][2]["position_embeddings"][1]

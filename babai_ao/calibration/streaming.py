@@ -24,7 +24,8 @@ the values equal ``from_pretrained(..., gguf_file=...)``'s).
 
 Resident memory: one block's weights (float, then quantized) + the calibration activations
 (inputs and outputs of one block for all windows: they stay in memory, ``2·n·T·d·4`` bytes,
-never spilled) + the non-block parameters only while the first block's inputs are captured.
+never spilled; the position embeddings and masks, equal for every batch, are kept once:
+``shared_inputs``) + the non-block parameters only while the first block's inputs are captured.
 """
 
 from __future__ import annotations
@@ -177,6 +178,29 @@ def fingerprint(model: nn.Module, batches: Sequence[Any], settings: dict[str, An
     return h.hexdigest()
 
 
+def _same(value: Any, first: Any) -> Any:
+    """``first`` if it holds the same values as ``value`` (tensors, tuples of them)."""
+    if isinstance(value, torch.Tensor) and isinstance(first, torch.Tensor):
+        same = (value.shape == first.shape and value.dtype == first.dtype
+                and torch.equal(value, first))
+        return first if same else value
+    if isinstance(value, tuple) and isinstance(first, tuple) and len(value) == len(first):
+        return tuple(_same(v, f) for v, f in zip(value, first))
+    return value
+
+
+def shared_inputs(inputs: BlockInputs) -> BlockInputs:
+    """The blocks' inputs with every tensor besides the hidden states (position embeddings,
+    position ids, masks) that equals the first batch's replaced by that very tensor: one
+    copy instead of one per batch (SmolLM2 at 128×512: 31 MB of cos/sin saved)."""
+    if not inputs:
+        return inputs
+    _, args0, kwargs0 = inputs[0]
+    return [inputs[0]] + [
+        (hidden, _same(args, args0), {k: _same(v, kwargs0.get(k)) for k, v in kwargs.items()})
+        for hidden, args, kwargs in inputs[1:]]
+
+
 class BlockStream:
     """Reads a meta model's blocks from ``source`` one at a time (see the module docstring).
 
@@ -245,7 +269,7 @@ class BlockStream:
                 return saved
         self._materialize(model, "", exclude=f"{path}.")  # embedding, final norm, head
         try:
-            inputs = first_inputs()
+            inputs = shared_inputs(first_inputs())
         finally:
             self._release(model)
         return 0, inputs, []

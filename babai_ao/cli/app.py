@@ -212,7 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"babai-ao: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("babai-ao: interrupted (no partial output was left)", file=sys.stderr)
+        state = getattr(args, "save_state", None)
+        kept = f"; finished blocks are kept in {state}: rerun the same command to resume" \
+            if state else ""
+        print(f"babai-ao: interrupted (no partial output was left{kept})", file=sys.stderr)
         return EXIT_INTERRUPT
 
 
