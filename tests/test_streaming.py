@@ -223,17 +223,16 @@ def test_missing_or_misshapen_tensor_is_one_line_error(float_dir, calib, tmp_pat
 def test_gguf_source_reads_what_transformers_gguf_loader_reads():
     """SmolLM2's GGUF, read tensor by tensor (dequantized, q/k un-permuted), equals the float32
     copy that transformers' GGUF loader made of it."""
-    from babai_ao.calibration.models import fp32_copy_dir, load_smollm2, smollm2_gguf
+    from babai_ao.calibration.models import _fp32_copy, smollm2_gguf
 
-    load_smollm2(num_layers=1)  # makes the float32 copy on first use
-    config = _config_of(fp32_copy_dir())
+    config = _config_of(_fp32_copy())  # made from the GGUF by transformers on first use
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1]
     model = empty_model(config)
     gguf = open_source(smollm2_gguf(), model)
     assert isinstance(gguf, GGUFSource)
-    copy = SafetensorsSource(fp32_copy_dir())
+    copy = SafetensorsSource(_fp32_copy())
     names = [n for n, _ in model.named_parameters()]
     assert set(names) <= gguf.names()
     for name in names:
@@ -247,10 +246,9 @@ def test_cli_stream_resumes_after_a_crash(float_dir, tmp_path, monkeypatch):
     and removes the state."""
     from transformers import AutoTokenizer
 
-    from babai_ao.calibration.models import fp32_copy_dir, load_smollm2
+    from babai_ao.calibration.models import _fp32_copy
     from babai_ao.cli import main
 
-    load_smollm2(num_layers=1)
     model_dir = tmp_path / "model"
     from transformers import AutoModelForCausalLM
 
@@ -258,7 +256,7 @@ def test_cli_stream_resumes_after_a_crash(float_dir, tmp_path, monkeypatch):
     cfg.vocab_size = 49152  # SmolLM2's tokenizer (the calibration text is tokenized with it)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(fp32_copy_dir()).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(_fp32_copy()).save_pretrained(model_dir)
     common = [str(model_dir), "--calib-windows", "4", "--calib-len", "16", "--group-size",
               "32", "--no-progress"]
     assert main(["quantize", *common, "--stream", "--out", str(tmp_path / "ref")]) == 0
