@@ -69,8 +69,9 @@ class ShardWriter:
     def commit(self, model: nn.Module, source: Any, out: str | os.PathLike,
                config: Any, blocks_path: str) -> None:
         """Write the last shard (``model``'s parameters outside ``blocks_path``, read from
-        ``source``), the index and ``config.json`` into ``out``; the block shards move there
-        from ``directory`` if it is another directory."""
+        ``source``), the index and ``config.json`` into ``out``; the block shards are linked
+        (or copied) there from ``directory`` if it is another directory, which keeps them,
+        so a failure before ``out`` is complete loses no finished block."""
         from safetensors import safe_open
         from transformers import TorchAoConfig
 
@@ -84,8 +85,8 @@ class ShardWriter:
             if not (self.directory / name).exists():
                 raise BabaiError(f"block {b}'s shard {self.directory / name} is missing: the "
                                  "run did not finish that block; run it again (or resume)")
-            if self.directory != out:
-                shutil.move(str(self.directory / name), out / name)
+            if self.directory != out:  # linked (or copied): a failure later keeps the state whole
+                _link_or_copy(self.directory / name, out / name)
             with safe_open(out / name, framework="pt") as h:
                 meta = dict(h.metadata() or {})
                 for key in h.keys():  # noqa: SIM118
@@ -124,6 +125,14 @@ class ShardWriter:
         tmp = out / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, out / INDEX_FILE)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, dst)
 
 
 def _nbytes(shape: list[int], dtype: str) -> int:
