@@ -181,6 +181,8 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes_to_same_codes(
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert got_meta == want_meta
     assert [r.name for r in report.rows] == [r.name for r in in_memory[1].rows]
+    # commit linked the shards: the state still holds every finished block
+    assert len(list((state_dir / "shards").glob("*.safetensors"))) == BLOCKS
     assert [r.error for r in report.rows] == [r.error for r in in_memory[1].rows]
 
 
