@@ -124,6 +124,8 @@ def main() -> int:
     p.add_argument("--imatrix", action="store_true", help="llama.cpp with an importance matrix")
     p.add_argument("--llama-python", default=".venv-llama/bin/python")
     p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--calib-n", type=int, default=128,
+                   help="calibration windows of 512 tokens (Babai and the imatrix; P1: 128)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", help="keep llama.cpp's quantized file here")
@@ -147,7 +149,8 @@ def main() -> int:
         "protocol": "P1", "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(), "load_average_start": os.getloadavg(),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "calibration": {"n": args.calib_n, "seq_len": 512, "seed": 0}}
     _, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         if args.gguf:
@@ -157,7 +160,7 @@ def main() -> int:
             from babai_ao.checkpoints.gguf_model import quantize_q4_k_model
 
             model, _ = load_smollm2()
-            cal = calibration_windows(tokenizer, n=128, seq_len=512)
+            cal = calibration_windows(tokenizer, n=args.calib_n, seq_len=512)
             t0 = time.perf_counter()
             blocks, report = quantize_q4_k_model(model, cal)
             record.update(method="babai Q4_K (Q5_0 fallback), sequential, act order",
@@ -176,7 +179,7 @@ def main() -> int:
             if args.imatrix:
                 import numpy as np
 
-                cal = calibration_windows(tokenizer, n=128, seq_len=512)
+                cal = calibration_windows(tokenizer, n=args.calib_n, seq_len=512)
                 t0 = time.perf_counter()
                 imatrix = str(Path(tmp) / "imatrix.npz")
                 np.savez(imatrix, **imatrix_of(model, cal))

@@ -241,6 +241,7 @@ def test_cli_export_gguf(capsys, gguf_run):
     (["--mode", "q4_0"], "symmetric=True"),        # an asymmetric run as Q4_0
     (["--mode", "q5_0"], "--mode q5_0"),           # no such mode
     (["--out", "m.bin"], "does not end in .gguf"),
+    (["--mode", "q4_k"], "calibrates the float model"),  # q4_k takes the float model
 ])
 def test_cli_export_gguf_errors(capsys, gguf_run, tmp_path, argv, needle):
     from babai_ao import cli
@@ -407,3 +408,25 @@ def test_q4_k_model_errors(tmp_path):
         G.save_gguf(model, tmp_path / "m.gguf", mode="q4_k", require_tokenizer=False)
     with pytest.raises(BabaiError, match="float32 model"):
         M.GGUFQ4KConfig().quantize_tensor(torch.randn(4, 256).half())
+
+
+@pytest.mark.model
+def test_cli_export_gguf_q4_k(capsys, tmp_path):
+    """``babai-ao export smollm2 --format gguf --mode q4_k`` calibrates the float model and
+    writes Q4_K (``down_proj``) / Q5_0 blocks that transformers reads back to exactly it."""
+    import re
+
+    from babai_ao import cli
+
+    path = tmp_path / "q4k.gguf"
+    capsys.readouterr()
+    code = cli.main(["export", "smollm2", "--format", "gguf", "--mode", "q4_k", "--num-layers",
+                     "1", "--calib-windows", "2", "--calib-len", "64", "--out", str(path),
+                     "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "7 linears (6 Q5_0, 1 Q4_K)" in out and "5.250 stored bits/weight" in out, out
+    diff = float(re.search(r"max \|logits - eager\| = ([0-9.e+-]+)", out).group(1))
+    assert diff == 0.0
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "Q4_K" and kinds["blk.0.attn_v.weight"] == "Q5_0"
