@@ -146,11 +146,15 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     record: dict[str, Any] = {
-        "protocol": "P1", "command": " ".join(["python", *sys.argv]),
+        "protocol": "P1" if (args.windows, args.seq_len, args.calib_n) == (40, 2048, 128)
+        else f"P1 data, reduced: first {args.windows} test windows of {args.seq_len}, "
+             f"{args.calib_n} calibration windows",
+        "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(), "load_average_start": os.getloadavg(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "calibration": {"n": args.calib_n, "seq_len": 512, "seed": 0}}
+        "calibration": {"n": args.calib_n, "seq_len": 512, "seed": 0}
+        if args.babai or args.imatrix else None}
     _, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         if args.gguf:
