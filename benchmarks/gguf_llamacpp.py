@@ -10,8 +10,13 @@ so one early different token does not hide the rest).
 
 ``--float-check`` adds two rows that take llama.cpp's float matmul instead of its
 8-bit-activation one: the same quantized model written with ``mode="f32"`` (our dequantized
-weights as F32), and the float model (no quantization) as F32 against transformers. Usage
-(from the repository root)::
+weights as F32), and the float model (no quantization) as F32 against transformers.
+
+``--gguf FILE`` (repeatable) runs given GGUF files instead — the Babai Q4_K export
+(``benchmarks/gguf_q4k_p1.py --babai --keep``), llama.cpp's own Q4_K — each against the
+eager model transformers reads from that same file (gguf-py's dequantization: for our
+files exactly our model's weights, ``tests/test_gguf.py``); with ``--float-check`` also
+those weights as F32. Usage (from the repository root)::
 
     python3.11 -m venv .venv-llama && .venv-llama/bin/pip install llama-cpp-python
     .venv/bin/python benchmarks/gguf_llamacpp.py --llama-python .venv-llama/bin/python \\
@@ -55,11 +60,13 @@ def llama_side(path: str, prompt_ids: list[int], forced: list[int], new_tokens: 
 
 
 def compare(model, tokenizer, label: str, mode: str, llama_python: str,
-            new_tokens: int) -> dict:
-    """One row: ``model`` written with ``save_gguf(mode=mode)``, run by llama.cpp, vs eager."""
+            new_tokens: int, given: Path | None = None) -> dict:
+    """One row: ``model`` written with ``save_gguf(mode=mode)`` (or the file ``given``), run
+    by llama.cpp, vs eager."""
     import numpy as np
     import torch
 
+    from babai_ao.calibration.models import smollm2_gguf
     from babai_ao.checkpoints.gguf import save_gguf
 
     ids = tokenizer(PROMPT).input_ids
@@ -68,7 +75,8 @@ def compare(model, tokenizer, label: str, mode: str, llama_python: str,
                               do_sample=False)[0, len(ids):].tolist()
         logits = model(input_ids=torch.tensor([ids + ours])).logits[0]
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_gguf(model, Path(tmp) / "smollm2.gguf", mode=mode)
+        path = given if given is not None else save_gguf(
+            model, Path(tmp) / "smollm2.gguf", mode=mode, source=smollm2_gguf())
         size_mb = path.stat().st_size / 2**20
         t0 = time.perf_counter()
         run = subprocess.run([llama_python, __file__, "--llama-side", str(path),
@@ -93,6 +101,31 @@ def compare(model, tokenizer, label: str, mode: str, llama_python: str,
         "llama_cpp_seconds": round(seconds, 1)}
 
 
+def given_files(args: argparse.Namespace) -> int:
+    """``--gguf``: each file vs the eager model transformers reads from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from babai_ao import load_smollm2
+
+    _, tokenizer = load_smollm2(num_layers=1)
+    rows = []
+    for name in args.gguf:
+        path = Path(name).resolve()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32).eval()
+        rows.append(compare(model, tokenizer, f"{path.name} vs its weights in transformers",
+                            "given", args.llama_python, args.new_tokens, given=path))
+        if args.float_check:
+            rows.append(compare(model, tokenizer, f"{path.name}'s weights as F32", "f32",
+                                args.llama_python, args.new_tokens))
+    result = {"prompt": PROMPT, "rows": rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llama-python", default=".venv-llama/bin/python")
@@ -101,6 +134,7 @@ def main() -> int:
                    help="also the quantized model as F32 (mode='f32') and the float model")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--num-layers", type=int, help="first N blocks only (default: all 30)")
+    p.add_argument("--gguf", action="append", help="run this GGUF file (repeatable)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--llama-side", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -113,6 +147,8 @@ def main() -> int:
 
     from babai_ao import babai_config, load_smollm2
 
+    if args.gguf:
+        return given_files(args)
     model, tokenizer = load_smollm2(num_layers=args.num_layers)
     float_model = copy.deepcopy(model) if args.float_check else None
     sym = not args.asymmetric

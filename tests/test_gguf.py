@@ -241,6 +241,7 @@ def test_cli_export_gguf(capsys, gguf_run):
     (["--mode", "q4_0"], "symmetric=True"),        # an asymmetric run as Q4_0
     (["--mode", "q5_0"], "--mode q5_0"),           # no such mode
     (["--out", "m.bin"], "does not end in .gguf"),
+    (["--mode", "q4_k"], "calibrates the float model"),  # q4_k takes the float model
 ])
 def test_cli_export_gguf_errors(capsys, gguf_run, tmp_path, argv, needle):
     from babai_ao import cli
@@ -320,3 +321,112 @@ def test_q4_k_fit_and_errors():
     assert bool((err <= 1.1 * step).all())  # half a step, plus the 6-bit scale rounding
     with pytest.raises(BabaiError, match="multiple of 256"):
         K.fit_q4_k(torch.randn(4, 128))
+
+
+# ---- whole-model Q4_K (gguf_model): Q4_K where rows allow, llama.cpp's Q5_0 fallback ------
+def mixed_llama(seed: int = 0):
+    """hidden 96 (not a multiple of 256: Q5_0, as llama.cpp falls back), intermediate 256
+    (``down_proj`` reads 256 features: Q4_K)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_q5_0_packing_round_trips_every_code():
+    """Every code 0..31 at every position, random fp16 scales: gguf-py decodes our Q5_0
+    bytes to ``d·(q − 16)`` bit for bit."""
+    from babai_ao.checkpoints import gguf_model as M
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.stack([torch.randperm(32, generator=g) for _ in range(12)]).reshape(3, 128)
+    scale = (torch.rand(3, 4, generator=g) * 0.1).half()
+    blocks = M.encode_q5_0(codes, scale)
+    assert blocks.shape == (3, 4 * 22)
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q5_0).reshape(3, 128)
+    ours = scale.float().repeat_interleave(32, dim=1) * (codes - 16).float()
+    assert np.array_equal(theirs.view(np.uint32), ours.numpy().view(np.uint32))
+    with pytest.raises(BabaiError, match="outside 0..31"):
+        M.encode_q5_0(codes + 1, scale)
+
+
+def test_q5_0_babai_beats_rtn_on_the_same_grid():
+    from babai_ao.checkpoints import gguf_model as M
+
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
+    h = correlated_hessian(96)
+    babai, q_b = M.quantize_block_weight(w, h)
+    rtn, q_r = M.quantize_block_weight(w, None)
+    assert babai.ggml_type == rtn.ggml_type == "Q5_0" and babai.bits_per_weight == 5.5
+
+    def err(q):
+        d = w.double() - q.double()
+        return float(((d @ h) * d).sum())
+    assert err(q_b) < 0.8 * err(q_r)
+    assert babai.certificate.error_undamped == pytest.approx(err(q_b), rel=1e-3)
+
+
+def test_q4_k_model_file_decodes_to_the_model(tmp_path):
+    """Sequential calibration onto Q4_K/Q5_0, written as GGUF: every tensor decodes (gguf-py)
+    to exactly the model's float32 weight (q/k rows unpermuted); types as llama.cpp picks."""
+    from babai_ao.checkpoints import gguf_model as M
+
+    model = mixed_llama()
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    blocks, report = M.quantize_q4_k_model(model, calib, progress=False)
+    assert len(blocks) == len(report.rows) == 14
+    assert {n: b.ggml_type for n, b in blocks.items() if "down_proj" in n} == {
+        f"model.layers.{i}.mlp.down_proj.weight": "Q4_K" for i in range(2)}
+    assert {b.ggml_type for n, b in blocks.items() if "down_proj" not in n} == {"Q5_0"}
+    assert {r.bits_per_weight for r in report.rows} == {4.5, 5.5}
+    path = G.save_gguf(model, tmp_path / "m.gguf", mode="q4_k", blocks=blocks,
+                       require_tokenizer=False)
+    assert_bit_exact(model, path)
+    reader = gguf.GGUFReader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "Q4_K" and kinds["blk.1.attn_q.weight"] == "Q5_0"
+    assert kinds["token_embd.weight"] == "F32"
+    # the file's blocks must be what the model computes with: a changed weight is refused
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    with pytest.raises(BabaiError, match="decode to"):
+        G.save_gguf(model, tmp_path / "n.gguf", mode="q4_k", blocks=blocks,
+                    require_tokenizer=False)
+    assert not (tmp_path / "n.gguf").exists()
+
+
+def test_q4_k_model_errors(tmp_path):
+    from babai_ao.checkpoints import gguf_model as M
+
+    with pytest.raises(BabaiError, match="neither Q4_K .* nor its fallback Q5_0"):
+        M.block_type(100)
+    model = mixed_llama()
+    with pytest.raises(BabaiError, match="blocks=..."):
+        G.save_gguf(model, tmp_path / "m.gguf", mode="q4_k", require_tokenizer=False)
+    with pytest.raises(BabaiError, match="float32 model"):
+        M.GGUFQ4KConfig().quantize_tensor(torch.randn(4, 256).half())
+
+
+@pytest.mark.model
+def test_cli_export_gguf_q4_k(capsys, tmp_path):
+    """``babai-ao export smollm2 --format gguf --mode q4_k`` calibrates the float model and
+    writes Q4_K (``down_proj``) / Q5_0 blocks that transformers reads back to exactly it."""
+    import re
+
+    from babai_ao import cli
+
+    path = tmp_path / "q4k.gguf"
+    capsys.readouterr()
+    code = cli.main(["export", "smollm2", "--format", "gguf", "--mode", "q4_k", "--num-layers",
+                     "1", "--calib-windows", "2", "--calib-len", "64", "--out", str(path),
+                     "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "7 linears (6 Q5_0, 1 Q4_K)" in out and "5.250 stored bits/weight" in out, out
+    diff = float(re.search(r"max \|logits - eager\| = ([0-9.e+-]+)", out).group(1))
+    assert diff == 0.0
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "Q4_K" and kinds["blk.0.attn_v.weight"] == "Q5_0"

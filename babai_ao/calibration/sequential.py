@@ -173,7 +173,10 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
                     ) -> list[LayerReport]:
     modules = dict(block.named_modules())
     rows = []
-    no_clipping = qkwargs.get("clip") in NO_CLIPPING_FORMATS
+    # SSQR / HPTQ, or a config that builds every weight itself (``builds_tensors``: GGUF
+    # K-quants, ``babai_ao.checkpoints.gguf_model``): its quantize_tensor makes the tensor
+    no_clipping = qkwargs.get("clip") in NO_CLIPPING_FORMATS or bool(
+        getattr(config, "builds_tensors", False))
     if no_clipping and not hasattr(config, "quantize_tensor"):
         raise BabaiError(f"clip={qkwargs['clip']!r} needs a babai_ao.babai_config(...) config "
                          "(its quantize_tensor builds the SSQR/HPTQ weight)")

@@ -70,7 +70,8 @@ FORMATS = {
     "q8_0": BlockFormat("q8_0", 8, 128, "Q8_0", "MOSTLY_Q8_0"),
 }
 F32 = "f32"  # our dequantized weights as plain floats, for checking llama.cpp's arithmetic
-MODES = ("auto", *FORMATS, F32)
+Q4_K = "q4_k"  # blocks made by gguf_model (Q4_K, llama.cpp's Q5_0 fallback), passed in
+MODES = ("auto", *FORMATS, Q4_K, F32)
 
 
 # ---- the mapping: pure functions on codes --------------------------------------------------
@@ -188,13 +189,27 @@ def _heads_of(gguf_name: str, config: Any) -> int | None:
     return None
 
 
-def _tensors(model: nn.Module, fmt: BlockFormat | None, source: Any
-             ) -> Iterator[tuple[str, np.ndarray, Any]]:
+def _given_blocks(hf_name: str, blocks: Any, weight: torch.Tensor) -> tuple[np.ndarray, Any]:
+    """``blocks`` (``gguf_model.GGUFBlocks``) and their type, once gguf-py decodes them to
+    exactly ``weight`` (else the model changed after quantizing: ``BabaiError``)."""
+    gguf = _gguf()
+    kind = getattr(gguf.GGMLQuantizationType, blocks.ggml_type)
+    decoded = gguf.quants.dequantize(blocks.data, kind).reshape(weight.shape)
+    if type(weight) is not torch.Tensor or not np.array_equal(
+            decoded, weight.to(torch.float32).numpy()):
+        raise BabaiError(f"{hf_name} is not what its {blocks.ggml_type} blocks decode to (the "
+                         "model changed after quantize_q4_k_model): quantize it again")
+    return blocks.data, kind
+
+
+def _tensors(model: nn.Module, fmt: BlockFormat | None, source: Any,
+             blocks: dict[str, Any] | None = None) -> Iterator[tuple[str, np.ndarray, Any]]:
     """``(gguf name, data, ggml type)`` of every parameter of ``model``.
 
     ``fmt=None`` (``mode="f32"``): everything F32, quantized weights dequantized, no
     source bytes reused (a quantized source tensor would put its matmul back on the
-    8-bit-activation path)."""
+    8-bit-activation path). ``blocks`` (``mode="q4_k"``): encoded weights by parameter
+    name, written as given."""
     gguf = _gguf()
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
@@ -206,6 +221,10 @@ def _tensors(model: nn.Module, fmt: BlockFormat | None, source: Any
                              "Llama-architecture models (SmolLM2, Llama)")
         heads = _heads_of(name, config)
         weight = param.detach()
+        if blocks is not None and hf_name in blocks:
+            data, kind = _given_blocks(hf_name, blocks[hf_name], weight)
+            yield name, _permuted(data, heads), kind
+            continue
         if fmt is None:
             data = weight.dequantize(torch.float32) if type(weight) is not torch.Tensor \
                 else weight.to(torch.float32)
@@ -288,14 +307,16 @@ def default_source(model: nn.Module) -> Path | None:
 
 
 def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto",
-              source: str | os.PathLike[str] | None = None, require_tokenizer: bool = True
-              ) -> Path:
+              source: str | os.PathLike[str] | None = None, require_tokenizer: bool = True,
+              blocks: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (quantized by babai-ao) to ``path`` as a GGUF file for llama.cpp.
 
     ``mode``: ``q4_0``, ``q4_1``, ``q8_0`` or ``auto`` (from the codes: 8 bit → Q8_0,
     symmetric 4 bit → Q4_0, else Q4_1); ``f32``: every tensor as F32, quantized weights
     dequantized — a checking file (8× larger than Q4) that takes llama.cpp's float matmul,
-    and also writes a model that is not quantized at all. ``source``: the GGUF the model was loaded from, for
+    and also writes a model that is not quantized at all. ``q4_k``: the linears as the
+    ``blocks`` made by ``gguf_model.quantize_q4_k_model`` (Q4_K, or Q5_0 where llama.cpp falls
+    back), each checked to decode to the model's weight. ``source``: the GGUF the model was loaded from, for
     the tokenizer and metadata (default: found for SmolLM2). Without one, the Llama
     hyper-parameters come from the config and the file has no tokenizer, which llama.cpp
     needs: allowed only with ``require_tokenizer=False``. The file is written atomically.
@@ -307,10 +328,16 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
                          f"not {getattr(config, 'model_type', type(model).__name__)!r}")
     if mode not in MODES:
         raise BabaiError(f"GGUF mode {mode!r} is unknown: choose one of {MODES}")
+    if (mode == Q4_K) != (blocks is not None):
+        raise BabaiError("mode='q4_k' writes the blocks of gguf_model.quantize_q4_k_model: "
+                         "pass them as blocks=..., and blocks only with mode='q4_k'")
     quantized = [p.detach() for _, p in model.named_parameters()
                  if type(p.detach()) is not torch.Tensor]
-    fmt = None if mode == F32 else choose_format(quantized) if mode == "auto" \
+    fmt = None if mode in (F32, Q4_K) else choose_format(quantized) if mode == "auto" \
         else FORMATS[mode]
+    if mode == Q4_K and quantized:
+        raise BabaiError("mode='q4_k' writes a model quantized by quantize_q4_k_model, whose "
+                         "weights are float; this one holds babai-ao tensors: load it again")
     src_path = Path(source) if source is not None else default_source(model)
     if src_path is None and require_tokenizer:
         raise BabaiError("the model has no source GGUF to copy the tokenizer from: pass "
@@ -320,7 +347,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
     if reader is not None:
         _check_source(reader, config, src_path)
     path = Path(path)
-    tensors = list(_tensors(model, fmt, reader))  # all checks before any file is made
+    tensors = list(_tensors(model, fmt, reader, blocks))  # all checks before any file is made
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -335,8 +362,9 @@ def save_gguf(model: nn.Module, path: str | os.PathLike[str], mode: str = "auto"
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _config_metadata(writer, config)
         writer.add_block_count(int(config.num_hidden_layers))
-        writer.add_file_type(getattr(gguf.LlamaFileType,
-                                     "ALL_F32" if fmt is None else fmt.file_type))
+        file_type = "MOSTLY_Q4_K_S" if mode == Q4_K else "ALL_F32" if fmt is None \
+            else fmt.file_type
+        writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
         for name, data, kind in tensors:
             writer.add_tensor(name, data, raw_dtype=kind)
         writer.write_header_to_file()

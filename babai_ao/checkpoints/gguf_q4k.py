@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from babai_ao.errors import BabaiError
-from babai_ao.lattice.quantize import quantize_weight
+from babai_ao.lattice.quantize import Certificate, quantize_weight
 
 SUPER = 256  # weights per super-block
 SUB = 32  # weights per sub-block
@@ -108,6 +108,7 @@ class Q4KWeight:
     grid: Q4KGrid
     error: float
     clipped: int  # codes the nearest-plane pass clamped to 0..15
+    certificate: Certificate | None = None  # the nearest-plane pass's, on ``W + O``
 
     def dequantize(self) -> torch.Tensor:
         """``Q = (d·sc)·q − dmin·m`` in float32, the decoder's own arithmetic."""
@@ -131,7 +132,7 @@ def quantize_q4_k(weight: torch.Tensor, hessian: torch.Tensor | None = None,
     qw = quantize_weight(shifted, hessian, bits=4, group_size=SUB, scales=step,
                          zeros=torch.zeros_like(step), dtype=torch.float64,
                          scale_dtype=torch.float64, **kwargs)  # type: ignore[arg-type]
-    out = Q4KWeight(qw.codes.long(), grid, 0.0, qw.certificate.clipped)
+    out = Q4KWeight(qw.codes.long(), grid, 0.0, qw.certificate.clipped, qw.certificate)
     diff = w - out.dequantize().double()
     h = torch.eye(w.shape[1], dtype=torch.float64) if hessian is None else hessian.double()
     out.error = float(((diff @ h) * diff).sum())

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help=f"a directory from `quantize` or `{SMOLLM2}`")
     x.add_argument("--format", choices=tuple(EXPORT_MODES), required=True)
     x.add_argument("--mode", help="pte: weight_only | 8da4w; onnx: qdq | matmulnbits; gguf: "
-                   "auto | q4_0 | q4_1 | q8_0; compressed-tensors: pack-quantized")
+                   "auto | q4_0 | q4_1 | q8_0 | q4_k (calibrates a float MODEL itself); "
+                   "compressed-tensors: pack-quantized")
     x.add_argument("--out", help="output file (default: MODEL_DIR/model.FORMAT); "
                                  "compressed-tensors: a new directory (MODEL_DIR/compressed-tensors)")
     x.add_argument("--seq-len", type=int, default=16, help="tokens of the check input")
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "before exporting (babai_ao.quantize_embeddings_)")
     x.add_argument("--embedding-group-size", type=int, default=64,
                    help="group size of the quantized embedding, along its dimension (64)")
+    _add_calibration(x, 128, 512)  # gguf q4_k only: Babai calibrates onto the Q4_K grids
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_export)
 

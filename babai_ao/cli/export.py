@@ -2,7 +2,10 @@
 run once, max |logits − eager| printed.
 
 GGUF (``babai_ao.checkpoints.gguf``) is read back through transformers' GGUF loader, which
-dequantizes it with gguf-py, and run once like the other formats."""
+dequantizes it with gguf-py, and run once like the other formats. ``--mode q4_k`` takes a
+float model (``smollm2``, a .gguf) and calibrates it itself (``checkpoints.gguf_model``:
+Babai onto Q4_K, or Q5_0 where llama.cpp falls back), since no babai-ao tensor holds that
+grid: the GGUF file is the one artifact."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from .sources import load_model
 LEAFSPEC_NOTE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 EXPORT_MODES = {"pte": ("weight_only", "8da4w"), "onnx": ("qdq", "matmulnbits"),
                 "compressed-tensors": ("pack-quantized",),
-                "gguf": ("auto", "q4_0", "q4_1", "q8_0")}
+                "gguf": ("auto", "q4_0", "q4_1", "q8_0", "q4_k")}
 
 
 class LogitsOnly(nn.Module):
@@ -51,8 +54,8 @@ def export_model(model: nn.Module, fmt: str, mode: str, path: Path, example: tor
         return to_onnx(wrapper, (example,), path, format=mode)
 
 
-def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: torch.Tensor
-                ) -> str:
+def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: torch.Tensor,
+                blocks: dict[str, Any] | None = None) -> str:
     """Write ``path`` (tokenizer and metadata from ``source``'s GGUF), load it back with
     transformers and return the one-line summary with max |logits − eager|."""
     from transformers import AutoModelForCausalLM
@@ -70,7 +73,7 @@ def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: t
                          "from `smollm2` or a .gguf file")
     found = resolve(origin)
     gguf_source = found.directory / str(found.gguf_file)
-    save_gguf(model, path, mode=mode, source=gguf_source)
+    save_gguf(model, path, mode=mode, source=gguf_source, blocks=blocks)
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                 dtype=torch.float32).eval()
     with torch.no_grad():
@@ -78,6 +81,35 @@ def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: t
     mib = path.stat().st_size / 2**20
     return (f"wrote {path} ({mib:.1f} MiB, GGUF {mode}); read back by transformers: max "
             f"|logits - eager| = {float(diff):.3g}")
+
+
+def calibrate_q4_k(model: nn.Module, tokenizer: Any, args: argparse.Namespace
+                   ) -> dict[str, Any]:
+    """Sequential Babai calibration of the float ``model`` onto llama.cpp's Q4_K file types
+    (``checkpoints.gguf_model``); returns the blocks and prints one summary line."""
+    import time
+
+    from babai_ao.calibration.data import calibration_windows
+    from babai_ao.checkpoints.gguf_model import quantize_q4_k_model
+
+    if any(type(p.detach()) is not torch.Tensor for p in model.parameters()):
+        raise BabaiError(f"{args.model} holds quantized weights (a quantize run, or "
+                         "--quantize-embedding); --mode q4_k calibrates the float model onto "
+                         "the Q4_K grids itself: pass `smollm2` or a .gguf file, no embedding")
+    calib = calibration_windows(tokenizer, args.calib_file, n=args.calib_windows,
+                                seq_len=args.calib_len, seed=args.seed)
+    t0 = time.perf_counter()
+    blocks, report = quantize_q4_k_model(model, calib, progress=not args.no_progress)
+    kinds: dict[str, int] = {}
+    for b in blocks.values():
+        kinds[b.ggml_type] = kinds.get(b.ggml_type, 0) + 1
+    weights = sum(b.data.shape[0] * 8 * b.data.shape[1] / b.bits_per_weight
+                  for b in blocks.values())
+    bits = sum(8 * b.data.size for b in blocks.values()) / weights
+    say(f"babai Q4_K: {len(blocks)} linears ({', '.join(f'{n} {k}' for k, n in kinds.items())})"
+        f" calibrated in {time.perf_counter() - t0:.1f} s, {bits:.3f} stored bits/weight, "
+        f"E <= B on {sum(r.bound_holds for r in report.rows)}/{len(report.rows)}")
+    return blocks
 
 
 def export_example(tokenizer: Any, seq_len: int) -> torch.Tensor:
@@ -104,7 +136,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else default / f"model.{args.format}"
     example = export_example(tokenizer, args.seq_len)
     if args.format == "gguf":
-        say(export_gguf(model, args.model, mode, path, example))
+        blocks = calibrate_q4_k(model, tokenizer, args) if mode == "q4_k" else None
+        say(export_gguf(model, args.model, mode, path, example, blocks))
         return 0
     rep = export_model(model, args.format, mode, path, example)
     say(rep.summary())

@@ -111,6 +111,7 @@ def quantize_weight(
     scale_dtype: torch.dtype = torch.float16,
     refine: int = 0,
     exact_offset: bool = False,
+    grid: Grid | None = None,
 ) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K] (``XᵀX`` of the layer's inputs).
 
@@ -122,9 +123,14 @@ def quantize_weight(
     ``refine`` > 0 runs that many coordinate-descent sweeps after Babai
     (``babai_ao.lattice.refine``): the error can only go down, ``identity`` keeps Babai's own.
     ``exact_offset`` keeps ``s·z`` exact in ``scale_dtype`` (``Grid``; for GGUF's Q4_1).
+    ``grid``: an explicit ``Grid`` (or subclass, e.g. a width no packed tensor stores, for
+    GGUF's Q5_0) used instead of the one ``bits``/``symmetric``/``clip``/``scale_dtype``/
+    ``exact_offset`` describe; those arguments are then ignored.
     """
-    grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype,
-                exact_offset=exact_offset)
+    if grid is None:
+        grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype,
+                    exact_offset=exact_offset)
+    bits, clip, scale_dtype = grid.bits, grid.clip, grid.scale_dtype
     g = _check_weight(weight, group_size)
     n, k = weight.shape
     w = weight.detach().to(dtype).clone()
