@@ -29,6 +29,7 @@ removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -55,6 +56,7 @@ from .layers import (
 )
 from .replay import Replay
 from .report import LayerReport, QuantizationReport
+from .tuning import TuneSettings, tune_block
 
 __all__ = ["QuantizationReport", "decoder_blocks", "install", "layer_hessians",
            "quantize_model"]
@@ -165,9 +167,11 @@ def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8,
 
 
 def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
-                    acc: HessianAccumulator, qkwargs: dict[str, Any], config: Any = None
-                    ) -> list[LayerReport]:
+                    acc: HessianAccumulator, qkwargs: dict[str, Any], config: Any = None,
+                    hessians: dict[str, torch.Tensor] | None = None) -> list[LayerReport]:
     modules = dict(block.named_modules())
+    if hessians is not None:  # kept for block tuning's recomputed certificates
+        hessians.update(dict.fromkeys(stage, acc.hessian))
     rows = []
     no_clipping = qkwargs.get("clip") in NO_CLIPPING_FORMATS
     if no_clipping and not hasattr(config, "quantize_tensor"):
@@ -213,41 +217,59 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
                      masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
-                     bar: Any) -> tuple[list[LayerReport], list[torch.Tensor]]:
+                     bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None
+                     ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
-    block's inputs; none after the last block)."""
+    block's inputs; none after the last block). ``tune``: the block's float copy and the
+    settings of block tuning (``tuning``), run once the codes are fixed."""
     rows: list[LayerReport] = []
+    hessians: dict[str, torch.Tensor] | None = {} if tune is not None else None
     if mode == "observe":
-        accs, outputs = _collect(block, inputs, masks, stages, stop=False, keep_outputs=not last)
+        accs, outputs = _collect(block, inputs, masks, stages, stop=False,
+                                 keep_outputs=not last and tune is None)
         for stage in stages:
-            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
+            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
+                                    hessians)
         rows += quantize_experts(block, prefix, inputs, qkwargs)
-        return rows, outputs
-    replay = Replay()
-    modules = dict(block.named_modules())
-    try:
-        for stage in stages:
-            if bar is not None:
-                bar.set_postfix_str(f"{prefix}.{stage[0]}")
-            accs, _ = _collect(block, inputs, masks, [stage], stop=stage[0] not in repeated,
-                               keep_outputs=False, replay=replay)
-            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
-            for name in stage:
-                if name not in repeated:
-                    replay.watch(modules[name], name)
-            replay.watch_modules(block)
-        rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
-        outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
-                                           keep_outputs=True, replay=replay)[1]
-    finally:
-        replay.close()
-    return rows, outputs
+        if tune is None:
+            return rows, outputs
+    else:
+        replay = Replay()
+        modules = dict(block.named_modules())
+        try:
+            for stage in stages:
+                if bar is not None:
+                    bar.set_postfix_str(f"{prefix}.{stage[0]}")
+                accs, _ = _collect(block, inputs, masks, [stage], stop=stage[0] not in repeated,
+                                   keep_outputs=False, replay=replay)
+                rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
+                                        hessians)
+                for name in stage:
+                    if name not in repeated:
+                        replay.watch(modules[name], name)
+                replay.watch_modules(block)
+            rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
+            if tune is None:
+                outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
+                                                   keep_outputs=True, replay=replay)[1]
+                return rows, outputs
+        finally:
+            replay.close()
+    if bar is not None:
+        bar.set_postfix_str(f"{prefix}: tuning")
+    result = tune_block(block, tune[0], inputs, hessians, qkwargs["damp"], tune[1])
+    tuned = {f"{prefix}.{t.name}": t for t in result.layers}
+    for r in rows:
+        if r.name in tuned:
+            t = tuned[r.name]
+            r.error, r.error_undamped, r.error_babai = t.error, t.error_undamped, t.error_babai
+    return rows, [] if last else result.outputs
 
 
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
-                   filter_fn: Callable[[nn.Module, str], bool] | None = None
-                   ) -> QuantizationReport:
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                   tune: TuneSettings | None = None) -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
@@ -259,6 +281,9 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     order) or ``"observe"`` (Hessians of the float model). ``blocks``: attribute path of the
     block list (``"bert.encoder.layer"``; ``None``: found, ``discovery.find_blocks``).
     ``filter_fn(module, name)``: which layers to quantize (``None``: all in the blocks).
+    ``tune``: ``TuneSettings(steps=…)`` tunes each block's scales, norms and biases to its
+    float outputs once its codes are fixed (``babai_ao.calibration.tuning``; codes and bits
+    unchanged; ``None`` or ``steps=0``: off).
     Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
@@ -293,9 +318,12 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         for b in steps:
             prefix = f"{path}.{b}"
             stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
+            reference = copy.deepcopy(stack[b]) if tune is not None and tune.steps else None
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
-                                             last=b == len(stack) - 1, bar=bar)
+                                             last=b == len(stack) - 1, bar=bar,
+                                             tune=None if reference is None else (reference, tune))
+            del reference
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
     finally:
