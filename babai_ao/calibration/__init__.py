@@ -9,7 +9,8 @@ linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, 
 (padded tokens stay out of the Hessians) and the model call; ``replay`` saves recomputing
 quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
-from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
+from its routed tokens; ``tuning`` tunes a finished block's scales, norms and biases towards
+the float block with its codes fixed. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
 SmolLM2, ``evaluate`` measures perplexity.
 
 Imports from ``lattice`` and ``ao``; distributed and streamed (larger-than-memory)
