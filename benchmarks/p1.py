@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                 report = quantize_model(model, config, cal, mode=args.mode,
                                         batch_size=args.batch_size, progress=progress,
                                         tune=tune if tune.steps else None)
-                record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows}
+                record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
+                                  "blocks": report.tuning}
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
                 record.update(order=args.order, mode=args.mode,
                               solver_seconds=report.solver_seconds,

@@ -54,16 +54,18 @@ def runs(smollm2_small, calibration_small):
     out = {}
     for name, config in {"grid": babai_config(bits=3, group_size=64, order="act"),
                          "hptq": babai_config(clip="hptq", target_bits=3.3, order="act")}.items():
-        plain = copy.deepcopy(model)
-        quantize_model(plain, config, calibration_small, batch_size=2, progress=False)
+        plain = None
+        if name == "grid":  # the untuned run to compare with (HPTQ: its certificate only)
+            plain = copy.deepcopy(model)
+            quantize_model(plain, config, calibration_small, batch_size=2, progress=False)
         tuned = copy.deepcopy(model)
         report = quantize_model(tuned, config, calibration_small, batch_size=2, progress=False,
-                                tune=TuneSettings(steps=40, lr=5e-3, windows=1))
+                                tune=TuneSettings(steps=20, lr=5e-3, windows=1))
         out[name] = (plain, tuned, report)
     return out
 
 
-@pytest.mark.parametrize("fmt", ["grid", "hptq"])
+@pytest.mark.parametrize("fmt", ["grid"])
 def test_codes_and_bits_unchanged(runs, fmt):
     plain, tuned, _ = runs[fmt]
     a, b = quantized(plain), quantized(tuned)
@@ -77,7 +79,7 @@ def test_codes_and_bits_unchanged(runs, fmt):
         assert a[name].scale.dtype == b[name].scale.dtype
 
 
-@pytest.mark.parametrize("fmt", ["grid", "hptq"])
+@pytest.mark.parametrize("fmt", ["grid"])
 def test_tuning_lowers_block_output_error(smollm2_small, calibration_small, runs, fmt):
     plain, tuned, _ = runs[fmt]
     model, _ = smollm2_small
@@ -103,6 +105,8 @@ def test_certificates_recomputed(smollm2_small, calibration_small, runs):
     """The tuned E equals tr(ΔHΔᵀ) computed here from the float weight and a reference H."""
     model, _ = smollm2_small
     _, tuned, report = runs["hptq"]
+    assert isinstance(dict(tuned.named_modules())["model.layers.0.mlp.up_proj"].weight,
+                      HuffmanQuantizedTensor)
     rows = {r.name: r for r in report.rows}
     assert all(r.error_babai is not None for r in rows.values())
     assert all(r.bound_holds for r in rows.values())  # Babai's E ≤ B on the original grid

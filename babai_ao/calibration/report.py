@@ -53,6 +53,9 @@ class QuantizationReport:
     seconds: float = 0.0
     float_parameters: list[FloatParameter] = field(default_factory=list)
     quantized_parameters: int = 0
+    # block tuning (``tuning``): per block, the block-output MSE before and after, and
+    # whether the tuned parameters were kept (only when the MSE went down)
+    tuning: list[dict[str, float | str | bool]] = field(default_factory=list)
 
     @property
     def total_parameters(self) -> int:

@@ -217,7 +217,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
                      masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
-                     bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None
+                     bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None,
+                     tuning_log: list[dict[str, Any]] | None = None
                      ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block). ``tune``: the block's float copy and the
@@ -258,6 +259,9 @@ def _calibrate_block(block: nn.Module, prefix: str,
     if bar is not None:
         bar.set_postfix_str(f"{prefix}: tuning")
     result = tune_block(block, tune[0], inputs, hessians, qkwargs["damp"], tune[1])
+    if tuning_log is not None:
+        tuning_log.append({"block": prefix, "mse_before": result.loss_before,
+                           "mse_after": result.loss_after, "kept": result.kept})
     tuned = {f"{prefix}.{t.name}": t for t in result.layers}
     for r in rows:
         if r.name in tuned:
@@ -322,7 +326,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
                                              last=b == len(stack) - 1, bar=bar,
-                                             tune=None if reference is None else (reference, tune))
+                                             tune=None if reference is None else (reference, tune),
+                                             tuning_log=report.tuning)
             del reference
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
