@@ -102,14 +102,15 @@ def test_scales_moved_and_weight_is_scale_times_codes(runs):
 
 
 def test_certificates_recomputed(smollm2_small, calibration_small, runs):
-    """The tuned E equals tr(ΔHΔᵀ) computed here from the float weight and a reference H."""
+    """The tuned E equals tr(ΔHΔᵀ) computed here from the float weight and a reference H
+    (block 0: its Hessians are those of the float model)."""
     model, _ = smollm2_small
-    _, tuned, report = runs["hptq"]
-    assert isinstance(dict(tuned.named_modules())["model.layers.0.mlp.up_proj"].weight,
-                      HuffmanQuantizedTensor)
+    _, tuned, report = runs["grid"]
+    assert report.tuning[0]["kept"]
     rows = {r.name: r for r in report.rows}
-    assert all(r.error_babai is not None for r in rows.values())
-    assert all(r.bound_holds for r in rows.values())  # Babai's E ≤ B on the original grid
+    block0 = [r for n, r in rows.items() if n.startswith("model.layers.0.")]
+    assert all(r.error_babai is not None for r in block0)
+    assert all(r.bound_holds or r.clipped for r in rows.values())
     name = "model.layers.0.self_attn.q_proj"
     w = dict(model.named_modules())[name].weight.detach().double()
     x_rows = []
@@ -124,9 +125,27 @@ def test_certificates_recomputed(smollm2_small, calibration_small, runs):
     diff = w - w_hat
     error_undamped = float(((diff @ h) * diff).sum())
     assert rows[name].error_undamped == pytest.approx(error_undamped, rel=1e-3)
+    assert rows[name].error_undamped != pytest.approx(rows[name].error_babai, rel=1e-6)
     cert = dict(tuned.named_modules())[name].weight.detach().certificate
     assert cert.error_undamped == pytest.approx(rows[name].error_undamped)
     assert "E tuned" in report.to_markdown()
+
+
+def test_hptq_tuning_keeps_the_stream(runs):
+    """HPTQ: one scale per tensor tuned; a kept block has new scales, the same Huffman
+    stream bytes, and recomputed certificates; a rejected block is left exactly as it was."""
+    _, tuned, report = runs["hptq"]
+    weights = quantized(tuned)
+    assert all(isinstance(w, HuffmanQuantizedTensor) for w in weights.values())
+    for entry in report.tuning:
+        rows = [r for r in report.rows if r.name.startswith(entry["block"] + ".")]
+        if entry["kept"]:
+            assert entry["mse_after"] < entry["mse_before"]
+            assert all(r.error_babai is not None for r in rows)
+        else:
+            assert all(r.error_babai is None for r in rows)
+    for w in weights.values():
+        assert w.scale.numel() == 1 and w.certificate is not None
 
 
 def test_slice_windows_picks_batch_rows():

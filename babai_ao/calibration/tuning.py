@@ -52,7 +52,7 @@ class TuneSettings:
     on the log-scales, ``windows`` calibration windows per step, ``seed`` for their order."""
 
     steps: int = 0
-    lr: float = 2e-3
+    lr: float = 1e-3
     windows: int = 2
     seed: int = 0
 
