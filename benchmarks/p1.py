@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--refine", type=int, default=0,
                    help="coordinate-descent sweeps after Babai (babai_ao.lattice.refine)")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="block tuning: Adam steps per block on scales/norms after the codes "
+                        "are fixed (babai_ao.calibration.tuning; 0: off)")
+    p.add_argument("--tune-lr", type=float, default=2e-3)
+    p.add_argument("--tune-windows", type=int, default=2, help="calibration windows per step")
     p.add_argument("--calib-n", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
@@ -158,8 +163,15 @@ def main(argv: list[str] | None = None) -> None:
                 record["quant_seconds"] = time.perf_counter() - t0
                 record.update(order=args.order, mode=args.mode)
             else:
+                from babai_ao.calibration.tuning import TuneSettings
+
+                tune = TuneSettings(steps=args.tune_steps, lr=args.tune_lr,
+                                    windows=args.tune_windows)
                 report = quantize_model(model, config, cal, mode=args.mode,
-                                        batch_size=args.batch_size, progress=progress)
+                                        batch_size=args.batch_size, progress=progress,
+                                        tune=tune if tune.steps else None)
+                record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
+                                  "blocks": report.tuning}
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
                 record.update(order=args.order, mode=args.mode,
                               solver_seconds=report.solver_seconds,

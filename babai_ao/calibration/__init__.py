@@ -9,8 +9,9 @@ linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, 
 (padded tokens stay out of the Hessians) and the model call; ``replay`` saves recomputing
 quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
-from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
-SmolLM2, ``evaluate`` measures perplexity. ``streaming`` calibrates a model larger than
+from its routed tokens; ``tuning`` tunes a finished block's scales, norms and biases towards
+the float block with its codes fixed. ``data`` makes WikiText-2 windows, ``models`` loads the
+bundled SmolLM2, ``evaluate`` measures perplexity. ``streaming`` calibrates a model larger than
 memory: parameters on the meta device, each block read from its checkpoint (safetensors or
 GGUF) only while it is calibrated, handed to a sink and freed; ``resume`` keeps a streamed
 run's state (finished blocks, the next block's inputs) so a crashed run resumes.

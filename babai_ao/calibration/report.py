@@ -29,10 +29,14 @@ class LayerReport:
     bits_per_weight: float
     seconds: float
     tokens: int
+    error_babai: float | None = None  # E of the Babai codes before block tuning (if tuned)
 
     @property
     def bound_holds(self) -> bool:
-        return self.clipped == 0 and self.error <= self.bound * (1 + 1e-6)
+        """Babai's guarantee ``E ≤ B``, for the Babai codes on their own grid (before any
+        block tuning moved the scales: ``error_babai``)."""
+        babai = self.error if self.error_babai is None else self.error_babai
+        return self.clipped == 0 and babai <= self.bound * (1 + 1e-6)
 
 
 @dataclass
@@ -49,6 +53,9 @@ class QuantizationReport:
     seconds: float = 0.0
     float_parameters: list[FloatParameter] = field(default_factory=list)
     quantized_parameters: int = 0
+    # block tuning (``tuning``): per block, the block-output MSE before and after, and
+    # whether the tuned parameters were kept (only when the MSE went down)
+    tuning: list[dict[str, float | str | bool]] = field(default_factory=list)
 
     @property
     def total_parameters(self) -> int:
@@ -94,11 +101,16 @@ class QuantizationReport:
         return text
 
     def to_markdown(self) -> str:
-        lines = ["| layer | tr(D) | error E | bound B | E ≤ B | clipped | bits/weight | s |",
-                 "|---|---|---|---|---|---|---|---|"]
+        tuned = any(r.error_babai is not None for r in self.rows)
+        head = "| layer | tr(D) | error E | bound B | E ≤ B | clipped | bits/weight | s |"
+        if tuned:  # E is then the tuned error; E ≤ B is about the Babai codes (E Babai)
+            head = head.replace("| error E |", "| E tuned | E Babai |")
+        lines = [head, "|" + "---|" * (head.count("|") - 1)]
         for r in self.rows:
             holds = "yes" if r.bound_holds else ("n/a" if r.clipped else "NO")
-            lines.append(f"| {r.name} | {r.trace_d:.4g} | {r.error:.4g} | {r.bound:.4g} | "
+            babai = "" if not tuned else (
+                f" {r.error:.4g} |" if r.error_babai is None else f" {r.error_babai:.4g} |")
+            lines.append(f"| {r.name} | {r.trace_d:.4g} | {r.error:.4g} |{babai} {r.bound:.4g} | "
                          f"{holds} | {r.clipped} | {r.bits_per_weight:.4g} | {r.seconds:.2f} |")
         if self.float_parameters:
             lines += ["", f"Left in float ({self.float_summary()}):", "",

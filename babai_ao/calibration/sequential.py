@@ -31,6 +31,7 @@ removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -59,6 +60,7 @@ from .layers import (
 from .replay import Replay
 from .report import LayerReport, QuantizationReport
 from .streaming import BlockStream
+from .tuning import TuneSettings, tune_block
 
 __all__ = ["QuantizationReport", "decoder_blocks", "install", "layer_hessians",
            "quantize_model"]
@@ -169,9 +171,11 @@ def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8,
 
 
 def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
-                    acc: HessianAccumulator, qkwargs: dict[str, Any], config: Any = None
-                    ) -> list[LayerReport]:
+                    acc: HessianAccumulator, qkwargs: dict[str, Any], config: Any = None,
+                    hessians: dict[str, torch.Tensor] | None = None) -> list[LayerReport]:
     modules = dict(block.named_modules())
+    if hessians is not None:  # kept for block tuning's recomputed certificates
+        hessians.update(dict.fromkeys(stage, acc.hessian))
     rows = []
     # SSQR / HPTQ, or a config that builds every weight itself (``builds_tensors``: GGUF
     # K-quants, ``babai_ao.checkpoints.gguf_model``): its quantize_tensor makes the tensor
@@ -220,41 +224,64 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
                      masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
-                     bar: Any) -> tuple[list[LayerReport], list[torch.Tensor]]:
+                     bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None,
+                     tuning_log: list[dict[str, Any]] | None = None
+                     ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
-    block's inputs; none after the last block)."""
+    block's inputs; none after the last block). ``tune``: the block's float copy and the
+    settings of block tuning (``tuning``), run once the codes are fixed."""
     rows: list[LayerReport] = []
+    hessians: dict[str, torch.Tensor] | None = {} if tune is not None else None
     if mode == "observe":
-        accs, outputs = _collect(block, inputs, masks, stages, stop=False, keep_outputs=not last)
+        accs, outputs = _collect(block, inputs, masks, stages, stop=False,
+                                 keep_outputs=not last and tune is None)
         for stage in stages:
-            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
+            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
+                                    hessians)
         rows += quantize_experts(block, prefix, inputs, qkwargs)
-        return rows, outputs
-    replay = Replay()
-    modules = dict(block.named_modules())
-    try:
-        for stage in stages:
-            if bar is not None:
-                bar.set_postfix_str(f"{prefix}.{stage[0]}")
-            accs, _ = _collect(block, inputs, masks, [stage], stop=stage[0] not in repeated,
-                               keep_outputs=False, replay=replay)
-            rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
-            for name in stage:
-                if name not in repeated:
-                    replay.watch(modules[name], name)
-            replay.watch_modules(block)
-        rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
-        outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
-                                           keep_outputs=True, replay=replay)[1]
-    finally:
-        replay.close()
-    return rows, outputs
+        if tune is None:
+            return rows, outputs
+    else:
+        replay = Replay()
+        modules = dict(block.named_modules())
+        try:
+            for stage in stages:
+                if bar is not None:
+                    bar.set_postfix_str(f"{prefix}.{stage[0]}")
+                accs, _ = _collect(block, inputs, masks, [stage], stop=stage[0] not in repeated,
+                                   keep_outputs=False, replay=replay)
+                rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
+                                        hessians)
+                for name in stage:
+                    if name not in repeated:
+                        replay.watch(modules[name], name)
+                replay.watch_modules(block)
+            rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
+            if tune is None:
+                outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
+                                                   keep_outputs=True, replay=replay)[1]
+                return rows, outputs
+        finally:
+            replay.close()
+    if bar is not None:
+        bar.set_postfix_str(f"{prefix}: tuning")
+    result = tune_block(block, tune[0], inputs, hessians, qkwargs["damp"], tune[1])
+    if tuning_log is not None:
+        tuning_log.append({"block": prefix, "mse_before": result.loss_before,
+                           "mse_after": result.loss_after, "kept": result.kept})
+    tuned = {f"{prefix}.{t.name}": t for t in result.layers}
+    for r in rows:
+        if r.name in tuned:
+            t = tuned[r.name]
+            r.error, r.error_undamped, r.error_babai = t.error, t.error_undamped, t.error_babai
+    return rows, [] if last else result.outputs
 
 
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                   stream: BlockStream | None = None) -> QuantizationReport:
+                   stream: BlockStream | None = None, tune: TuneSettings | None = None
+                   ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
@@ -269,6 +296,9 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     ``stream``: a ``streaming.BlockStream`` for a model built on the meta device
     (``streaming.empty_model``): each block is read from the checkpoint, quantized, handed to
     the stream's sink and freed; with a saved state the run resumes after its last block.
+    ``tune``: ``TuneSettings(steps=…)`` tunes each block's scales, norms and biases to its
+    float outputs once its codes are fixed (``babai_ao.calibration.tuning``; codes and bits
+    unchanged; ``None`` or ``steps=0``: off).
     Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
@@ -314,9 +344,13 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             if stream is not None:
                 stream.load_block(b)
             stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
+            reference = copy.deepcopy(stack[b]) if tune is not None and tune.steps else None
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
-                                             last=b == len(stack) - 1, bar=bar)
+                                             last=b == len(stack) - 1, bar=bar,
+                                             tune=None if reference is None else (reference, tune),
+                                             tuning_log=report.tuning)
+            del reference
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
             if stream is not None:

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help=f"`{SMOLLM2}`, a transformers directory or a .gguf file")
     _add_grid(q)
     _add_calibration(q, 128, 512)
+    q.add_argument("--tune", type=int, default=0, metavar="STEPS",
+                   help="block tuning after the codes are fixed: Adam steps per block on "
+                        "scales and norms towards the float block (codes, bits unchanged; 0: off)")
     q.add_argument("--mode", choices=QUANT_MODES, default="sequential",
                    help="sequential (block by block), observe (float Hessians), rtn")
     q.add_argument("--out", required=True, help="output directory")

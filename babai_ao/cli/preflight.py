@@ -41,6 +41,10 @@ def _quantize(args: argparse.Namespace) -> None:
     _out_is_free(args)
     _positive(args, "calib_windows", "calib_len")
     _at_least(args, "refine", minimum=0)
+    _at_least(args, "tune", minimum=0)
+    if getattr(args, "tune", 0) and args.mode == "rtn":
+        raise BabaiError("--tune needs calibration data: use --mode sequential or observe "
+                         "(or drop --tune)")
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
     _streaming(args)

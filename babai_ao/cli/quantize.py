@@ -62,8 +62,12 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         record["calibration"] = {"file": args.calib_file or "wiki.valid.tokens (default)",
                                  "windows": args.calib_windows, "seq_len": args.calib_len,
                                  "seed": args.seed}
+        from babai_ao.calibration.tuning import TuneSettings
+
+        steps = getattr(args, "tune", 0)
+        record["tune_steps"] = steps
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
-                                stream=stream)
+                                stream=stream, tune=TuneSettings(steps=steps) if steps else None)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
     record.update(runs.coverage_fields(model, record["layers"]))
