@@ -40,6 +40,7 @@ from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import quantize_weight
 
+from . import lockstep
 from .batches import Batch, calibration_batches, model_forward, token_rows
 from .blocks import StopForward, decoder_blocks, first_block_inputs, linear_stages, run_block
 from .coverage import float_parameters
@@ -222,6 +223,15 @@ def _calibrate_block(block: nn.Module, prefix: str,
         for stage in stages:
             rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config)
         rows += quantize_experts(block, prefix, inputs, qkwargs)
+        return rows, outputs
+    if lockstep.usable(block, inputs, repeated):  # one forward per batch, paused per stage
+        def quantize(stage: list[str], acc: HessianAccumulator) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{prefix}.{stage[0]}")
+            rows.extend(_quantize_stage(block, prefix, stage, acc, qkwargs, config))
+
+        outputs = lockstep.calibrate_block(block, inputs, masks, stages, quantize,
+                                           keep_outputs=not last)
         return rows, outputs
     replay = Replay()
     modules = dict(block.named_modules())
