@@ -17,6 +17,12 @@ products in the same order: the Hessians, codes and block outputs are bit-identi
 rerun path (``LOCKSTEP = False``). The threads are paused call stacks, not parallelism:
 only one runs at a time (torch's own intra-op threads do the arithmetic).
 
+Opt-in speed-ups that change the arithmetic (so codes may differ from the rerun path):
+``forward_dtype=torch.bfloat16`` runs the forwards under autocast, each quantized linear as a
+dense ``bfloat16`` copy of its dequantized weight (the installed weight is unchanged), while
+every Hessian is still accumulated in float32 from those bf16 activations; ``hessian_tiles``
+accumulates the Hessians tile-wise (``lattice.hessian.add_gram_tiles_``).
+
 Memory: while paused, every batch keeps its forward's live activations (for a Llama block
 about five hidden-size tensors per token at the ``down`` stage); blocks whose inputs exceed
 ``LOCKSTEP_BUDGET / 8`` bytes use the rerun path. Linears called twice in one forward (their
@@ -34,7 +40,7 @@ from torch import nn
 
 from babai_ao.ao.experts import fused_experts
 from babai_ao.errors import BabaiError
-from babai_ao.lattice.hessian import HessianAccumulator
+from babai_ao.lattice.hessian import HessianAccumulator, hessian_tiles
 
 from .batches import token_rows
 from .blocks import StopForward, run_block
@@ -56,9 +62,10 @@ class _Forward(threading.Thread):
     """One batch's block forward, run in steps: it waits on ``resume`` at each stage."""
 
     def __init__(self, block: nn.Module, inp: tuple[torch.Tensor, tuple, dict],
-                 mask: torch.Tensor | None, paused: threading.Semaphore) -> None:
+                 mask: torch.Tensor | None, paused: threading.Semaphore,
+                 dtype: torch.dtype | None) -> None:
         super().__init__(daemon=True)
-        self.block, self.inp, self.mask = block, inp, mask
+        self.block, self.inp, self.mask, self.dtype = block, inp, mask, dtype
         self.paused, self.resume = paused, threading.Semaphore(0)
         self.at: int | None = None  # the stage it waits at; None: finished
         self.abort = False
@@ -67,8 +74,10 @@ class _Forward(threading.Thread):
 
     def run(self) -> None:
         try:
-            with torch.no_grad():  # grad mode is per thread
-                self.output = run_block(self.block, self.inp)
+            with torch.no_grad(), torch.autocast(  # grad and autocast modes are per thread
+                    self.inp[0].device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                out = run_block(self.block, self.inp)
+            self.output = None if out is None else out.to(self.inp[0].dtype)
         except BaseException as e:  # handed to the controller
             self.error = e
         finally:
@@ -84,18 +93,34 @@ class _Forward(threading.Thread):
             raise StopForward
 
 
+def _dense_forward(linear: nn.Module, dtype: torch.dtype) -> None:
+    """From now on ``linear`` computes ``x W̃ᵀ + b`` with its dequantized weight ``W̃`` held
+    densely in ``dtype`` (until ``del linear.forward``)."""
+    w = linear.weight.detach()
+    w = (w.dequantize() if type(w) is not torch.Tensor else w).to(dtype)
+    b = None if linear.bias is None else linear.bias.detach().to(dtype)
+    linear.forward = lambda x: nn.functional.linear(x.to(dtype), w, b)
+
+
 def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tensor | None],
                     stages: Sequence[list[str]],
                     quantize: Callable[[list[str], HessianAccumulator], None],
-                    keep_outputs: bool) -> list[torch.Tensor]:
+                    keep_outputs: bool, forward_dtype: torch.dtype | None = None,
+                    tiled: bool = False) -> list[torch.Tensor]:
     """Run every batch through ``block`` once, calling ``quantize(stage, H)`` when all
     batches have reached the stage; returns the block outputs (none if not ``keep_outputs``).
+    ``forward_dtype``, ``tiled``: the opt-in speed-ups of the module docstring.
     """
     modules = dict(block.named_modules())
-    accs = [HessianAccumulator(in_features(modules[s[0]]), device=modules[s[0]].weight.device)
-            for s in stages]
+    accs = []
+    for stage in stages:
+        k = in_features(modules[stage[0]])
+        accs.append(HessianAccumulator(k, device=modules[stage[0]].weight.device,
+                                       tiles=hessian_tiles(k) if tiled else 1))
     paused = threading.Semaphore(0)
-    forwards = [_Forward(block, inp, mask, paused) for inp, mask in zip(inputs, masks)]
+    forwards = [_Forward(block, inp, mask, paused, forward_dtype)
+                for inp, mask in zip(inputs, masks)]
+    dense: list[nn.Module] = []
 
     def hook_for(s: int):
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -129,6 +154,11 @@ def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tens
                                      "runs its linears in a data-dependent order; set "
                                      "babai_ao.calibration.lockstep.LOCKSTEP = False")
             quantize(stage, accs[s])
+            if forward_dtype is not None:
+                for name in stage:
+                    if isinstance(modules[name], nn.Linear):
+                        _dense_forward(modules[name], forward_dtype)
+                        dense.append(modules[name])
         if not keep_outputs:
             return []
         for i, fwd in enumerate(forwards):
@@ -144,3 +174,5 @@ def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tens
                 fwd.abort = True
                 fwd.resume.release()
                 fwd.join()
+        for linear in dense:
+            del linear.forward  # back to the class's forward (the installed weight)

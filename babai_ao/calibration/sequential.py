@@ -214,7 +214,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
                      masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
-                     bar: Any) -> tuple[list[LayerReport], list[torch.Tensor]]:
+                     bar: Any, fast: dict[str, Any] | None = None
+                     ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block)."""
     rows: list[LayerReport] = []
@@ -231,8 +232,12 @@ def _calibrate_block(block: nn.Module, prefix: str,
             rows.extend(_quantize_stage(block, prefix, stage, acc, qkwargs, config))
 
         outputs = lockstep.calibrate_block(block, inputs, masks, stages, quantize,
-                                           keep_outputs=not last)
+                                           keep_outputs=not last, **(fast or {}))
         return rows, outputs
+    if fast:
+        raise BabaiError(f"{prefix}: forward_dtype / hessian_tiles need the lockstep "
+                         "forwards, which this block cannot use (a linear called twice, fused "
+                         "experts, or inputs over lockstep.LOCKSTEP_BUDGET): leave them unset")
     replay = Replay()
     modules = dict(block.named_modules())
     try:
@@ -256,7 +261,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
 
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
-                   filter_fn: Callable[[nn.Module, str], bool] | None = None
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = False
                    ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
@@ -269,12 +275,23 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     order) or ``"observe"`` (Hessians of the float model). ``blocks``: attribute path of the
     block list (``"bert.encoder.layer"``; ``None``: found, ``discovery.find_blocks``).
     ``filter_fn(module, name)``: which layers to quantize (``None``: all in the blocks).
+    Opt-in speed-ups of sequential mode that change the arithmetic (``lockstep``):
+    ``forward_dtype=torch.bfloat16`` (calibration forwards in bf16, Hessians in float32),
+    ``hessian_tiles=True`` (only the Hessians' upper tiles are computed, then mirrored).
     Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
         raise BabaiError(f"mode={mode!r}: choose one of {MODES}")
     if batch_size <= 0:
         raise BabaiError(f"batch_size={batch_size} must be positive")
+    if forward_dtype == torch.float32:
+        forward_dtype = None  # the installed weights' own forward
+    fast = {k: v for k, v in (("forward_dtype", forward_dtype), ("tiled", hessian_tiles)) if v}
+    if fast and mode != "sequential":
+        raise BabaiError(f"forward_dtype / hessian_tiles apply to mode='sequential' only, not "
+                         f"{mode!r}: leave them unset")
+    if forward_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise BabaiError(f"forward_dtype={forward_dtype}: choose torch.bfloat16 (or None)")
     qkwargs = _config_kwargs(config)
     path, stack = decoder_blocks(model, blocks)
     for name, m in model.named_modules():
@@ -305,7 +322,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
-                                             last=b == len(stack) - 1, bar=bar)
+                                             last=b == len(stack) - 1, bar=bar, fast=fast)
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
     finally:
