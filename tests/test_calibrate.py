@@ -314,3 +314,40 @@ def test_lockstep_stops_its_forwards_on_error(monkeypatch):
     with torch.no_grad():
         for out, (x, _, _) in zip(outs, inputs):
             assert torch.equal(out, block(x))
+
+
+def test_bf16_forwards_give_float32_hessians_of_the_quantized_model(smollm2_small,
+                                                                     calibration_small,
+                                                                     monkeypatch):
+    """``forward_dtype=bfloat16`` (with tiled Hessians): each stage's Hessian is float32 and
+    within bf16 rounding of ``XᵀX`` of its input in the final quantized model run in float32;
+    afterwards every linear runs its installed weight again (no dense bf16 copy left)."""
+    from babai_ao.calibration import sequential as seq
+
+    seen: dict[str, torch.Tensor] = {}
+    stage = seq._quantize_stage
+
+    def spy(block, prefix, names, acc, *args, **kwargs):
+        for n in names:
+            seen[f"{prefix}.{n}"] = acc.hessian.clone()
+        return stage(block, prefix, names, acc, *args, **kwargs)
+
+    monkeypatch.setattr(seq, "_quantize_stage", spy)
+    model = copy.deepcopy(smollm2_small[0])
+    quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False,
+                   forward_dtype=torch.bfloat16, hessian_tiles=True)
+    ref = input_hessians(model, calibration_small)
+    assert list(seen) == list(ref)
+    for name, h in seen.items():
+        assert h.dtype == torch.float32
+        rel = ((h - ref[name]).norm() / ref[name].norm()).item()
+        assert rel < 2e-2, f"{name}: {rel:.3%}"
+    for lin in linears(model).values():
+        assert "forward" not in vars(lin)
+        assert lin.weight.qdata is not None
+    with pytest.raises(BabaiError, match="sequential"):
+        quantize_model(copy.deepcopy(smollm2_small[0]), cfg(), calibration_small,
+                       mode="observe", forward_dtype=torch.bfloat16, progress=False)
+    with pytest.raises(BabaiError, match="forward_dtype"):
+        quantize_model(copy.deepcopy(smollm2_small[0]), cfg(), calibration_small,
+                       forward_dtype=torch.int8, progress=False)
