@@ -15,14 +15,18 @@ The blocks are the model's decoder or encoder layers (``discovery``); their line
   ``X_{b+1}`` (float), then all its linears are quantized: Hessians of the float model only,
   the same as torchao's observe/convert flow.
 
-Each stage forward reruns the block from its input, but a linear already quantized in this
-block is computed once per batch — in the first forward that reaches it — and its output is
+By default the stage forwards are one forward per batch, paused at each stage while it is
+quantized (``babai_ao.calibration.lockstep``: the same Hessians and codes bit for bit, and
+the block outputs come out of the same forwards). Where a block cannot run in lockstep (a
+linear called twice, fused experts), each stage forward reruns the block from its input,
+but a linear already quantized in this block is computed once per batch — in the first forward that reaches it — and its output is
 replayed in the later forwards (``babai_ao.calibration.replay``): its input there is the same tensor value, so
 the result is the same, and the block's linear FLOPs are spent once instead of once per
 stage. A replayed output that was modified in place is recomputed instead.
 
 Memory is one block's activations: inputs and outputs of all calibration windows, and up to
-``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated. Hooks are always
+``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated (lockstep: the
+paused forwards' live activations instead, ``lockstep.LOCKSTEP_BUDGET``). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
 """
 
