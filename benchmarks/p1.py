@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--forward-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="sequential mode: dtype of the calibration forwards (Hessians fp32)")
+    p.add_argument("--hessian-tiles", action="store_true",
+                   help="sequential mode: Hessians from their upper tiles, mirrored")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -167,14 +171,20 @@ def main(argv: list[str] | None = None) -> None:
 
                 tune = TuneSettings(steps=args.tune_steps, lr=args.tune_lr,
                                     windows=args.tune_windows)
+                fast = {}
+                if args.forward_dtype != "float32":
+                    fast["forward_dtype"] = getattr(torch, args.forward_dtype)
+                if args.hessian_tiles:
+                    fast["hessian_tiles"] = True
                 report = quantize_model(model, config, cal, mode=args.mode,
                                         batch_size=args.batch_size, progress=progress,
-                                        tune=tune if tune.steps else None)
+                                        tune=tune if tune.steps else None, **fast)
                 record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
                                   "blocks": report.tuning}
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
                 record.update(order=args.order, mode=args.mode,
-                              solver_seconds=report.solver_seconds,
+                              forward_dtype=args.forward_dtype,
+                              hessian_tiles=args.hessian_tiles, solver_seconds=report.solver_seconds,
                               calibrate_quantize_seconds=report.seconds)
                 rows = report_rows(report)
             applicable = [r for r in rows if r["clipped"] == 0]

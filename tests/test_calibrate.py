@@ -263,3 +263,91 @@ def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
         assert "forward" not in vars(toy.a)  # closed: the class's forward again
         for out in outs:
             torch.testing.assert_close(out, ref)
+
+
+def test_lockstep_gives_the_same_model(smollm2_small, calibration_small, sequential, monkeypatch):
+    """One paused forward per batch (``lockstep``) instead of one rerun per stage: the same
+    codes, the same certificates and the same block outputs as the rerun path."""
+    from babai_ao.calibration import lockstep
+
+    fast, fast_report = sequential
+    assert lockstep.LOCKSTEP
+    monkeypatch.setattr(lockstep, "LOCKSTEP", False)
+    model = copy.deepcopy(smollm2_small[0])
+    report = quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    ref = linears(model)
+    for name, lin in linears(fast).items():
+        assert torch.equal(lin.weight.qdata, ref[name].weight.qdata), name
+    assert [r.error for r in report.rows] == [r.error for r in fast_report.rows]
+    assert [r.name for r in report.rows] == [r.name for r in fast_report.rows]
+    with torch.no_grad():
+        ids = calibration_small[:BATCH]
+        assert torch.equal(fast.model(input_ids=ids).last_hidden_state,
+                           model.model(input_ids=ids).last_hidden_state)
+
+
+def test_lockstep_stops_its_forwards_on_error(monkeypatch):
+    """A failing stage leaves no forward thread behind and no hook on the block; the error
+    reaches the caller; the outputs match a plain forward when all goes well."""
+    import threading
+
+    from babai_ao.calibration import lockstep
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    inputs = [(torch.randn(2, 3, 4), (), {}) for _ in range(3)]
+    seen: list[tuple[str, int]] = []
+
+    def quantize(stage, acc):
+        seen.append((stage[0], acc.tokens))
+        if stage[0] == "2":
+            raise RuntimeError("solver failed")
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="solver failed"):
+        lockstep.calibrate_block(block, inputs, [None] * 3, [["0"], ["2"]], quantize, True)
+    assert seen == [("0", 18), ("2", 18)]
+    assert threading.active_count() == before
+    assert not any(m._forward_pre_hooks for m in block.modules())
+    outs = lockstep.calibrate_block(block, inputs, [None] * 3, [["0"], ["2"]],
+                                    lambda s, a: None, True)
+    with torch.no_grad():
+        for out, (x, _, _) in zip(outs, inputs):
+            assert torch.equal(out, block(x))
+
+
+def test_bf16_forwards_give_float32_hessians_of_the_quantized_model(smollm2_small,
+                                                                     calibration_small,
+                                                                     monkeypatch):
+    """``forward_dtype=bfloat16`` (with tiled Hessians): each stage's Hessian is float32 and
+    within bf16 rounding of ``XᵀX`` of its input in the final quantized model run in float32;
+    afterwards every linear runs its installed weight again (no dense bf16 copy left)."""
+    from babai_ao.calibration import sequential as seq
+
+    seen: dict[str, torch.Tensor] = {}
+    stage = seq._quantize_stage
+
+    def spy(block, prefix, names, acc, *args, **kwargs):
+        for n in names:
+            seen[f"{prefix}.{n}"] = acc.hessian.clone()
+        return stage(block, prefix, names, acc, *args, **kwargs)
+
+    monkeypatch.setattr(seq, "_quantize_stage", spy)
+    model = copy.deepcopy(smollm2_small[0])
+    quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False,
+                   forward_dtype=torch.bfloat16, hessian_tiles=True)
+    ref = input_hessians(model, calibration_small)
+    assert list(seen) == list(ref)
+    for name, h in seen.items():
+        assert h.dtype == torch.float32
+        rel = ((h - ref[name]).norm() / ref[name].norm()).item()
+        assert rel < 2e-2, f"{name}: {rel:.3%}"
+    for lin in linears(model).values():
+        assert "forward" not in vars(lin)
+        assert lin.weight.qdata is not None
+    with pytest.raises(BabaiError, match="sequential"):
+        quantize_model(copy.deepcopy(smollm2_small[0]), cfg(), calibration_small,
+                       mode="observe", forward_dtype=torch.bfloat16, progress=False)
+    with pytest.raises(BabaiError, match="forward_dtype"):
+        quantize_model(copy.deepcopy(smollm2_small[0]), cfg(), calibration_small,
+                       forward_dtype=torch.int8, progress=False)

@@ -6,8 +6,9 @@ the block list (known paths, else the longest outermost ``nn.ModuleList`` of ide
 blocks, or the ``blocks=`` path); ``blocks`` captures the first block's inputs and groups
 linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, GPT-2's
 ``Conv1D`` as a transposed weight); ``batches`` holds token ids with their attention masks
-(padded tokens stay out of the Hessians) and the model call; ``replay`` saves recomputing
-quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
+(padded tokens stay out of the Hessians) and the model call; ``lockstep`` runs each batch
+through a block once, paused at every stage while it is quantized (the default); ``replay``
+saves recomputing quantized outputs when a block is rerun per stage instead; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
 from its routed tokens; ``tuning`` tunes a finished block's scales, norms and biases towards
 the float block with its codes fixed. ``data`` makes WikiText-2 windows, ``models`` loads the

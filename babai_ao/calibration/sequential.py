@@ -15,14 +15,18 @@ The blocks are the model's decoder or encoder layers (``discovery``); their line
   ``X_{b+1}`` (float), then all its linears are quantized: Hessians of the float model only,
   the same as torchao's observe/convert flow.
 
-Each stage forward reruns the block from its input, but a linear already quantized in this
-block is computed once per batch — in the first forward that reaches it — and its output is
+By default the stage forwards are one forward per batch, paused at each stage while it is
+quantized (``babai_ao.calibration.lockstep``: the same Hessians and codes bit for bit, and
+the block outputs come out of the same forwards). Where a block cannot run in lockstep (a
+linear called twice, fused experts), each stage forward reruns the block from its input,
+but a linear already quantized in this block is computed once per batch — in the first forward that reaches it — and its output is
 replayed in the later forwards (``babai_ao.calibration.replay``): its input there is the same tensor value, so
 the result is the same, and the block's linear FLOPs are spent once instead of once per
 stage. A replayed output that was modified in place is recomputed instead.
 
 Memory is one block's activations: inputs and outputs of all calibration windows, and up to
-``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated — plus the model,
+``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated (lockstep: the
+paused forwards' live activations instead, ``lockstep.LOCKSTEP_BUDGET``) — plus the model,
 unless it is streamed (``stream=``: ``streaming.BlockStream`` reads each block only while it
 is calibrated, then writes and frees it). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
@@ -44,6 +48,7 @@ from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import quantize_weight
 
+from . import lockstep
 from .batches import Batch, calibration_batches, model_forward, token_rows
 from .blocks import StopForward, decoder_blocks, first_block_inputs, linear_stages, run_block
 from .coverage import float_parameters
@@ -225,7 +230,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      masks: Sequence[torch.Tensor | None], mode: str, stages: list[list[str]],
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
                      bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None,
-                     tuning_log: list[dict[str, Any]] | None = None
+                     tuning_log: list[dict[str, Any]] | None = None,
+                     fast: dict[str, Any] | None = None
                      ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block). ``tune``: the block's float copy and the
@@ -241,7 +247,23 @@ def _calibrate_block(block: nn.Module, prefix: str,
         rows += quantize_experts(block, prefix, inputs, qkwargs)
         if tune is None:
             return rows, outputs
+    elif lockstep.usable(block, inputs, repeated):  # one forward per batch, paused per stage
+        def quantize(stage: list[str], acc: HessianAccumulator) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{prefix}.{stage[0]}")
+            rows.extend(_quantize_stage(block, prefix, stage, acc, qkwargs, config, hessians))
+
+        outputs = lockstep.calibrate_block(block, inputs, masks, stages, quantize,
+                                           keep_outputs=not last and tune is None,
+                                           **(fast or {}))
+        if tune is None:
+            return rows, outputs
     else:
+        if fast:
+            raise BabaiError(f"{prefix}: forward_dtype / hessian_tiles need the lockstep "
+                             "forwards, which this block cannot use (a linear called twice, "
+                             "fused experts, or inputs over lockstep.LOCKSTEP_BUDGET): leave "
+                             "them unset")
         replay = Replay()
         modules = dict(block.named_modules())
         try:
@@ -280,7 +302,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                   stream: BlockStream | None = None, tune: TuneSettings | None = None
+                   stream: BlockStream | None = None, tune: TuneSettings | None = None,
+                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = False
                    ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
@@ -299,12 +322,23 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     ``tune``: ``TuneSettings(steps=…)`` tunes each block's scales, norms and biases to its
     float outputs once its codes are fixed (``babai_ao.calibration.tuning``; codes and bits
     unchanged; ``None`` or ``steps=0``: off).
+    Opt-in speed-ups of sequential mode that change the arithmetic (``lockstep``):
+    ``forward_dtype=torch.bfloat16`` (calibration forwards in bf16, Hessians in float32),
+    ``hessian_tiles=True`` (only the Hessians' upper tiles are computed, then mirrored).
     Returns the per-layer report, with every parameter left in float listed.
     """
     if mode not in MODES:
         raise BabaiError(f"mode={mode!r}: choose one of {MODES}")
     if batch_size <= 0:
         raise BabaiError(f"batch_size={batch_size} must be positive")
+    if forward_dtype == torch.float32:
+        forward_dtype = None  # the installed weights' own forward
+    fast = {k: v for k, v in (("forward_dtype", forward_dtype), ("tiled", hessian_tiles)) if v}
+    if fast and mode != "sequential":
+        raise BabaiError(f"forward_dtype / hessian_tiles apply to mode='sequential' only, not "
+                         f"{mode!r}: leave them unset")
+    if forward_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise BabaiError(f"forward_dtype={forward_dtype}: choose torch.bfloat16 (or None)")
     qkwargs = _config_kwargs(config)
     path, stack = decoder_blocks(model, blocks)
     for name, m in model.named_modules():
@@ -349,7 +383,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                                              repeated, qkwargs, config,
                                              last=b == len(stack) - 1, bar=bar,
                                              tune=None if reference is None else (reference, tune),
-                                             tuning_log=report.tuning)
+                                             tuning_log=report.tuning, fast=fast)
             del reference
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]

