@@ -20,8 +20,8 @@ import warnings
 import torch
 from torch import nn
 
-from .cpu_int4 import Int4PackLinear
 from .cpu_hptq import Int4SparseLinear
+from .cpu_int4 import Int4PackLinear
 from .cpu_int8 import Int8PackLinear
 
 KERNELS = (Int4PackLinear, Int8PackLinear)

@@ -10,9 +10,6 @@ import io
 
 import pytest
 import torch
-
-from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model, prepare_hptq_cpu
-from babai_ao.formats import hptq
 from babai_ao.kernels import cpu_hptq
 from babai_ao.kernels.cpu_hptq import (
     MAX_OFFSET,
@@ -20,6 +17,9 @@ from babai_ao.kernels.cpu_hptq import (
     split_codes,
     window_offsets,
 )
+
+from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model, prepare_hptq_cpu
+from babai_ao.formats import hptq
 
 BF16 = torch.bfloat16
 
