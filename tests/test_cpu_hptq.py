@@ -138,11 +138,12 @@ def test_not_built_where_it_does_not_apply_or_pay(monkeypatch):
 @pytest.mark.model
 @pytest.mark.filterwarnings("ignore:babai_config without calibration")
 def test_prepare_cpu_on_smollm2_hptq(smollm2_small):
-    """SmolLM2 blocks at HPTQ 3.3 bits: ``prepare_cpu`` makes every linear an
-    ``Int4SparseLinear`` (< 1 % of weights sparse); logits match the dequantized float model
-    at bf16 precision; compiled (fullgraph, the int4pack kernel in the graph) == eager; the
-    decoded form prepares to the same layers; a checkpoint saved before preparing is
-    unaffected and prepares to the same outputs after loading."""
+    """SmolLM2 block 0 (the one with the most off-window codes) at HPTQ 3.3 bits:
+    ``prepare_cpu`` makes every linear an ``Int4SparseLinear`` (< 1 % of weights sparse);
+    logits match the dequantized float model at bf16 precision; compiled (fullgraph, the
+    int4pack kernel in the graph) == eager; the decoded form prepares to the same layers;
+    a checkpoint saved before preparing holds no prepared buffers and, loaded, prepares to
+    the same outputs."""
     from torch._inductor.utils import run_and_get_code
     from torchao.quantization import quantize_
 
@@ -153,17 +154,17 @@ def test_prepare_cpu_on_smollm2_hptq(smollm2_small):
     model = copy.deepcopy(float_model)
     quantize_(model, babai_config(clip="hptq", target_bits=3.3),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and fqn.startswith("model.layers."))
+              and fqn.startswith("model.layers.0."))
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     reference = dequantized_model(model, float_model)
-    decoded = copy.deepcopy(model)
-    assert decode_model(decoded) == 14
+    decoded, again = copy.deepcopy(model), copy.deepcopy(model)
+    assert decode_model(decoded) == 7
     ids = torch.tensor([[1, 42, 314, 2718, 99]])
     with torch.no_grad():
         ref = reference(ids).logits.float()
-        assert prepare_cpu(model)["Int4SparseLinear"] == 14
-        assert prepare_cpu(decoded)["Int4SparseLinear"] == 14
+        assert prepare_cpu(model)["Int4SparseLinear"] == 7
+        assert prepare_cpu(decoded)["Int4SparseLinear"] == 7
         layers = [m for m in model.modules() if isinstance(m, Int4SparseLinear)]
         sparse = sum(m.sparse_count for m in layers)
         weights = sum(m.in_features * m.out_features for m in layers)
@@ -177,12 +178,8 @@ def test_prepare_cpu_on_smollm2_hptq(smollm2_small):
     torch.testing.assert_close(eager.float(), ref, rtol=0, atol=0.03 * float(ref.abs().max()))
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    again = copy.deepcopy(smollm2_small[0]).to(BF16)
-    quantize_(again, babai_config(clip="hptq", target_bits=3.3),
-              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and fqn.startswith("model.layers."))
+    assert not any("int4pack" in k or "sparse" in k for k in state)
     again.load_state_dict(state, assign=True)
-    assert not any(k.endswith("weight_int4pack") for k in state)
     with torch.no_grad():
         prepare_cpu(again)
         assert torch.equal(again(ids).logits, eager)
