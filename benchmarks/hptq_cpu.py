@@ -10,7 +10,7 @@ Variants are timed in interleaved rounds, median per variant, because the CPU is
 
     .venv/bin/python benchmarks/hptq_cpu.py [--layers 30] [--rounds 5] [--steps 5]
     .venv/bin/python benchmarks/hptq_cpu.py --generate 32 --rounds 3   # static KV cache
-    ... --json benchmarks/results/hptq_cpu.json
+    ... --json benchmarks/results/hptq_cpu.json --cache /tmp/hptq_cpu   # reuse the models
 """
 
 from __future__ import annotations
@@ -30,21 +30,36 @@ def _linears(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and "lm_head" not in name
 
 
-def variants(layers: int) -> tuple[dict[str, torch.nn.Module], dict]:
-    """The models to time, and facts about the HPTQ layers."""
+def _quantized(base: torch.nn.Module, config, cache: str | None, name: str) -> torch.nn.Module:
+    """``base`` quantized by ``config`` (round to nearest), from ``cache/name.pt`` when there
+    (the HPTQ rate search takes minutes on a shared CPU)."""
     from torchao.quantization import quantize_
 
-    from babai_ao import babai_config, prepare_cpu
-    from babai_ao.calibration.models import load_smollm2
+    path = os.path.join(cache, f"{name}.pt") if cache else None
+    if path and os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    model = copy.deepcopy(base)
+    quantize_(model, config, filter_fn=_linears)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        torch.save(model, path + ".part")
+        os.replace(path + ".part", path)
+    return model
+
+
+def variants(layers: int, cache: str | None = None) -> tuple[dict[str, torch.nn.Module], dict]:
+    """The models to time, and facts about the HPTQ layers."""
     from babai_ao.kernels import cpu_hptq
     from babai_ao.kernels.cpu_hptq import Int4SparseLinear
 
+    from babai_ao import babai_config, prepare_cpu
+    from babai_ao.calibration.models import load_smollm2
+
     bf16, _ = load_smollm2(dtype=torch.bfloat16, num_layers=layers)
-    four = copy.deepcopy(bf16)
-    quantize_(four, babai_config(bits=4, group_size=64), filter_fn=_linears)
+    four = _quantized(bf16, babai_config(bits=4, group_size=64), cache, f"w4g64-{layers}")
     counts4 = prepare_cpu(four)
-    hptq = copy.deepcopy(bf16)
-    quantize_(hptq, babai_config(clip="hptq", target_bits=3.3), filter_fn=_linears)
+    hptq = _quantized(bf16, babai_config(clip="hptq", target_bits=3.3), cache,
+                      f"hrtn3.3-{layers}")
     stored = [m.weight.detach() for n, m in hptq.named_modules() if _linears(m, n)]
     bits = sum(w.nbytes_stored * 8 for w in stored) / sum(w.numel() for w in stored)
     int8 = copy.deepcopy(hptq)
@@ -101,9 +116,11 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=0,
                    help="time greedy decoding of N tokens with a static KV cache instead")
     p.add_argument("--json", default=None)
+    p.add_argument("--cache", default=None,
+                   help="folder to keep the quantized models in between runs")
     args = p.parse_args()
     load_start = os.getloadavg()
-    models, facts = variants(args.layers)
+    models, facts = variants(args.layers, args.cache)
     per_call = args.generate or args.steps
     fns, times, tokens = {}, {name: [] for name in models}, {}
     with torch.no_grad():
