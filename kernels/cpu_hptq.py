@@ -84,9 +84,22 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
 
 def coo(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The nonzeros of ``Δ`` [N, K] in row order: rows, columns (int64) and values (fp32,
-    exact for |Δ| < 2²⁴)."""
+    exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries to a power of two ≥ 64 entries.
+
+    The padding adds ``x[:, 0]·0`` to output 0. It is there for compile time: inductor bakes
+    the entry count into each layer's C++ kernel, so unpadded every layer compiled its own
+    kernel (a 30-block SmolLM2 took > 12 min to compile on the shared 2-core box instead of
+    ≈ 2); padded, layers of one shape share a handful of kernels.
+    """
     rows, cols = delta.nonzero(as_tuple=True)
-    return rows, cols, delta[rows, cols].to(torch.float32)
+    val = delta[rows, cols].to(torch.float32)
+    nnz = int(val.numel())
+    if nnz:
+        pad = max(64, 1 << (nnz - 1).bit_length()) - nnz
+        zeros = torch.zeros(pad, dtype=torch.int64)
+        rows, cols = torch.cat([rows, zeros]), torch.cat([cols, zeros])
+        val = torch.cat([val, torch.zeros(pad)])
+    return rows, cols, val
 
 
 class Int4SparseLinear(nn.Module):
@@ -106,13 +119,13 @@ class Int4SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.group_size, self.in_features = group_size, in_features
         self.out_features = weight.shape[0]
-        self.sparse_count = int(sparse_val.numel())
+        self.sparse_count = int((sparse_val != 0).sum())  # nonzeros of Δ, padding excluded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_int4pack, self.group_size, self.scale_zero).float()
-        if self.sparse_count:  # y[:, n] += x[:, k]·Δ[n, k] over the nonzeros
+        if self.sparse_count:  # y[:, n] += x[:, k]·Δ[n, k] over the entries
             y = y.index_add(1, self.sparse_rows, x2.float()[:, self.sparse_cols] * self.sparse_val)
         y = y * self.scales
         if self.bias is not None:

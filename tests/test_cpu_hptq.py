@@ -91,6 +91,8 @@ def test_prepared_layer_is_exactly_the_dequantized_weight(n, k, per_row):
     codes = hw.codes().float()
     assert torch.equal(c4 + delta, codes)
     assert layer.sparse_count == int((delta != 0).sum()) > 0
+    entries = layer.sparse_val.numel()  # padded with zeros to a power of two ≥ 64
+    assert entries >= 64 and entries & (entries - 1) == 0 and entries < 2 * max(64, layer.sparse_count)
     assert torch.equal(layer.scales.reshape(-1, 1) * (c4 + delta), hw.dequantize())
 
 
