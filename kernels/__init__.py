@@ -3,7 +3,8 @@
 ``bits`` (reading b-bit codes in Triton), ``matmul`` (fused dequant-matmul, decode and
 prefill tunings), ``outliers`` (SSQR CSR correction), ``dequant`` (standalone dequant),
 ``huffman`` (HPTQ stream decode, and the matmul decoding it in-kernel), ``cpu`` (vectorized
-CPU path), ``cpu_int4`` (torch's int4pack kernel for 4-bit bf16), ``register`` (the
+CPU path), ``cpu_int4`` (torch's int4pack kernel for 4-bit bf16), ``cpu_hptq`` (HPTQ on
+CPU: int4pack on each group's 16-code window plus a sparse correction), ``register`` (the
 ``babai::`` op registrations).
 
 This folder is installed as ``babai_ao.kernels``. Imported as top-level ``kernels`` (the

@@ -3,8 +3,11 @@
 For CPU inference in bf16, after loading: 4-bit layers become ``Int4PackLinear``
 (``_weight_int4pack_mm_for_cpu``), 8-bit one-group-per-row layers — HPTQ's decoded form —
 ``Int8PackLinear`` (``_weight_int8pack_mm``); HPTQ weights still in their stored (Huffman)
-form are decoded first. Each new module's forward is the aten call itself, so a compiled
-graph calls the kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
+form are decoded first. HPTQ layers (stored or decoded) whose codes mostly fit a 16-value
+window per group become ``Int4SparseLinear`` (``cpu_hptq``: int4pack + sparse correction)
+instead, the int8 path being the fallback. Each new module's forward is the aten call
+itself (plus, for ``Int4SparseLinear``, a gather and a scale), so a compiled graph calls the
+kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
 are cast) and hold only the kernel's layout: save the model before preparing, not after.
 Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep
 ``babai::linear``.
@@ -17,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from .cpu_hptq import Int4SparseLinear
 from .cpu_int4 import Int4PackLinear
 from .cpu_int8 import Int8PackLinear
 
@@ -25,16 +29,23 @@ KERNELS = (Int4PackLinear, Int8PackLinear)
 
 def prepare_cpu(model: nn.Module) -> dict[str, int]:
     """Swap eligible linears in place; returns how many became each kernel module."""
-    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor  # needs torchao: on use
-    from babai_ao.ao.tensor import BabaiQuantizedTensor
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, prepare_hptq_cpu
+    from babai_ao.ao.tensor import BabaiQuantizedTensor  # needs torchao: on use
 
-    counts = {k.__name__: 0 for k in KERNELS}
+    counts = {k.__name__: 0 for k in (*KERNELS, Int4SparseLinear)}
     wider = False
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             w = child.weight.detach()
+            hptq = prepare_hptq_cpu(w, child.bias) if isinstance(
+                w, (HuffmanQuantizedTensor, BabaiQuantizedTensor)) else None
+            if hptq is not None:
+                setattr(parent, name, hptq)
+                counts[Int4SparseLinear.__name__] += 1
+                wider |= w.dtype != torch.bfloat16
+                continue
             if isinstance(w, HuffmanQuantizedTensor) and w.device.type == "cpu":
                 w = w.decode()
             if not (isinstance(w, BabaiQuantizedTensor) and not w.transposed

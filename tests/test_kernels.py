@@ -197,7 +197,8 @@ def test_prepare_cpu_swaps_eligible_4bit_layers_and_matches():
     x = torch.randn(5, 128).to(BF16)
     with torch.no_grad():
         ref = model(x)
-        assert prepare_cpu(model) == {"Int4PackLinear": 1, "Int8PackLinear": 0}
+        assert prepare_cpu(model) == {"Int4PackLinear": 1, "Int8PackLinear": 0,
+                                      "Int4SparseLinear": 0}
         assert isinstance(model[0], Int4PackLinear)
         assert isinstance(model[1].weight, BabaiQuantizedTensor)
         out = model(x)
@@ -210,10 +211,14 @@ def test_prepare_cpu_swaps_eligible_4bit_layers_and_matches():
 
 
 @pytest.mark.filterwarnings("ignore:babai_config without calibration")
-def test_prepare_cpu_runs_hptq_layers_on_the_int8_kernel():
+def test_prepare_cpu_runs_hptq_layers_on_the_int8_kernel(monkeypatch):
     """HPTQ weights (stored Huffman form) → decoded → Int8PackLinear: ``x @ (s·(q − 128))ᵀ``
-    with int8 ``q − 128``; matches the dequantized float weight at bf16 precision."""
+    with int8 ``q − 128``; matches the dequantized float weight at bf16 precision (the int8
+    fallback, with the int4pack + sparse form of ``cpu_hptq`` turned off)."""
+    from babai_ao.kernels import cpu_hptq
     from babai_ao.kernels.cpu_int8 import Int8PackLinear
+
+    monkeypatch.setattr(cpu_hptq, "ENABLED", False)
     from torchao.quantization import quantize_
 
     from babai_ao import babai_config, prepare_cpu
@@ -227,7 +232,8 @@ def test_prepare_cpu_runs_hptq_layers_on_the_int8_kernel():
         ref = torch.nn.functional.linear(torch.nn.functional.linear(x, w[0], model[0].bias),
                                          w[1], model[1].bias)
     with pytest.warns(UserWarning, match="bfloat16"):  # an fp32 model: says it computes bf16
-        assert prepare_cpu(model) == {"Int4PackLinear": 0, "Int8PackLinear": 2}
+        assert prepare_cpu(model) == {"Int4PackLinear": 0, "Int8PackLinear": 2,
+                                      "Int4SparseLinear": 0}
     assert all(isinstance(m, Int8PackLinear) for m in model)
     from torch._inductor.utils import run_and_get_code
 

@@ -10,7 +10,9 @@ decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized Nu
 CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
 that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
 CPU the reference, which decodes on every call (run ``decode_model`` there before timing,
-``torch.compile`` or export).
+``torch.compile`` or export). For CPU inference ``prepare_hptq_cpu(weight, bias)`` gives the
+fast form ``prepare_cpu`` swaps in: torch's int4pack kernel on each group's 16-code window plus
+a sparse correction (``babai_ao.kernels.cpu_hptq``), the same weight exactly.
 """
 
 from __future__ import annotations
@@ -189,6 +191,28 @@ def _(func, types, args, kwargs):
     new = HuffmanQuantizedTensor(*moved, tuple(self.shape), kw["dtype"], self.certificate_json,
                                  self.chunk, self.max_len)
     return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+def prepare_hptq_cpu(weight: torch.Tensor, bias: torch.Tensor | None = None
+                     ) -> nn.Module | None:
+    """The CPU inference layer for an HPTQ weight ``W = s_n·C``: ``Int4SparseLinear``
+    (int4pack on each group's 16-code window + sparse correction, exactly ``W``), or ``None``
+    where that form does not apply or does not pay (``kernels.cpu_hptq.prepare_hptq_cpu``).
+
+    ``weight`` is a ``HuffmanQuantizedTensor`` (stored form, decoded here) or an 8-bit
+    ``BabaiQuantizedTensor`` with one group per row — HPTQ's decoded form (then ``C = q − z``
+    with its CSR deltas added, ``s_n`` its row scales).
+    """
+    from babai_ao.kernels.cpu_hptq import prepare_hptq_cpu as build
+
+    if weight.device.type != "cpu":
+        return None
+    if isinstance(weight, HuffmanQuantizedTensor):
+        return build(weight.codes(), weight.scale, bias)
+    if (isinstance(weight, BabaiQuantizedTensor) and not weight.transposed
+            and weight.bits == 8 and weight.group_size == weight.in_features):
+        return build(weight.codes() - weight.zero_points(), weight.scale.reshape(-1), bias)
+    return None
 
 
 def decode_model(model: nn.Module) -> int:

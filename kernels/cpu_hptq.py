@@ -1,0 +1,161 @@
+"""HPTQ on CPU at 4-bit speed: torch's int4pack kernel for the codes near each group's mode,
+plus a sparse correction for the rest.
+
+An HPTQ weight is ``W = s_n · C`` with integer codes ``C`` [N, K] of any size and one scale
+(``s_n = s``) or one per row. At the rates HPTQ is used (≈ 2.3–4.3 stored bits) the codes are
+concentrated: on SmolLM2-135M at 3.3 bits, 99.9 % of each group of 64 codes lie in one window
+of 16 consecutive integers (BENCHMARKS.md, "HPTQ at 4-bit speed"). So for each row ``n`` and
+group ``g`` of ``group`` columns we pick the offset ``o[n, g]`` whose window
+``[o − 8, o + 7]`` holds the most codes (``window_offsets``) and split
+
+    C = C₄ + Δ,   C₄ = clamp(C, o − 8, o + 7),   Δ = C − C₄  (nonzero only off the window).
+
+``C₄`` goes to ``_weight_int4pack_mm_for_cpu`` as nibbles ``q = C₄ − o + 8 ∈ [0, 15]`` with
+the kernel's per-group affine map ``(q − 8)·a + c`` at ``a = 1``, ``c = o`` — integers the
+kernel reconstructs exactly (``|o| ≤ MAX_OFFSET``, so every weight it forms is an integer of
+magnitude ≤ 256, exact in bf16 and fp32). ``Δ`` is stored as its nonzero entries (rows,
+columns, values; COO in row order) and applied as a gather, a product and an ``index_add``
+(not a row-padded ELL layout, which would fuse into one gather-and-sum: the off-window codes
+crowd into a few rows — on SmolLM2 blocks 0–1 at 3.3 bits the longest row holds 6–180 of
+them while most hold 0–3 — so padding every row to the longest would hold 2–440× more
+entries than there are). The layer computes,
+in fp32 after the kernel's bf16 output,
+
+    y = s_n · ( bf16(x·C₄ᵀ) + x·Δᵀ ) + b,
+
+so the weight is exact (no scale is rounded to bf16, unlike the plain 4-bit path, whose
+``a``, ``c`` are bf16), and the only roundings are the kernel's fp32-accumulated bf16 output
+(the same output rounding as our 4-bit path) and the final cast to the activation dtype.
+Like ``Int4PackLinear`` it computes in bf16 (fp32 activations are cast).
+
+``prepare_hptq_cpu(codes, scales, bias)`` builds the layer and returns ``None`` where the
+layout does not pay (more than ``MAX_SPARSE_FRACTION`` of the weights off their windows) or
+cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``); ``prepare_cpu`` then keeps the int8
+path. The prepared module holds only the kernel's layout: save the model before preparing.
+``BABAI_CPU_HPTQ_INT4=0`` turns this form off (HPTQ layers then take the int8 path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+GROUP_SIZES = (256, 128, 64, 32)  # int4pack's groups, largest first
+WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
+MAX_OFFSET = 248  # |o| + 8 ≤ 256: every integer the kernel forms is exact in bf16
+MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
+ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
+
+
+def group_size_for(in_features: int) -> int | None:
+    """The largest int4pack group size dividing ``K`` (fewer per-group scale/zero pairs to
+    read), or ``None``."""
+    return next((g for g in GROUP_SIZES if in_features % g == 0), None)
+
+
+def window_offsets(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``o`` [N, G] (int64): the window ``[o − 8, o + 7]`` holding the most codes of each
+    group of ``group_size`` columns among those with ``|o| ≤ MAX_OFFSET`` (the lowest on ties).
+
+    Sliding a window up until its lower end meets a code (or the largest allowed start)
+    never loses a code, so the best start is one of the group's codes clamped to the allowed
+    starts; with the group sorted, the window starting at ``t`` holds
+    ``#{c ≤ t + 15} − #{c < t}`` codes.
+    """
+    n, k = codes.shape
+    s = codes.reshape(n * (k // group_size), group_size).sort(dim=1).values
+    starts = s.clamp(-MAX_OFFSET - WINDOW // 2, MAX_OFFSET - WINDOW // 2)
+    held = (torch.searchsorted(s, starts + (WINDOW - 1), right=True)
+            - torch.searchsorted(s, starts))
+    best = starts.gather(1, held.argmax(dim=1, keepdim=True)).squeeze(1)
+    return (best + WINDOW // 2).reshape(n, k // group_size)
+
+
+def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, Δ)``: nibbles ``q = clamp(C − o + 8, 0, 15)`` and ``Δ = C − (q − 8 + o)``, both
+    int64 [N, K], for codes ``C`` and per-group offsets ``o`` [N, G]."""
+    o = offsets.repeat_interleave(group_size, dim=1)
+    q = (codes - o + WINDOW // 2).clamp(0, WINDOW - 1)
+    return q, codes - (q - WINDOW // 2 + o)
+
+
+def coo(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzeros of ``Δ`` [N, K] in row order: rows, columns (int64) and values (fp32,
+    exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries to a power of two ≥ 64 entries.
+
+    The padding adds ``x[:, 0]·0`` to output 0. It is there for compile time: inductor bakes
+    the entry count into each layer's C++ kernel, so unpadded every layer compiled its own
+    kernel (a 30-block SmolLM2 took > 12 min to compile on the shared 2-core box instead of
+    ≈ 2); padded, layers of one shape share a handful of kernels.
+    """
+    rows, cols = delta.nonzero(as_tuple=True)
+    val = delta[rows, cols].to(torch.float32)
+    nnz = int(val.numel())
+    if nnz:
+        pad = max(64, 1 << (nnz - 1).bit_length()) - nnz
+        zeros = torch.zeros(pad, dtype=torch.int64)
+        rows, cols = torch.cat([rows, zeros]), torch.cat([cols, zeros])
+        val = torch.cat([val, torch.zeros(pad)])
+    return rows, cols, val
+
+
+class Int4SparseLinear(nn.Module):
+    """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: the int4pack kernel on integer weights ``C₄`` plus
+    the sparse ``Δ`` (COO), computed in bf16 by the kernel and fp32 after it."""
+
+    def __init__(self, weight: torch.Tensor, scale_zero: torch.Tensor, scales: torch.Tensor,
+                 sparse_rows: torch.Tensor, sparse_cols: torch.Tensor, sparse_val: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int, in_features: int):
+        super().__init__()
+        self.register_buffer("weight_int4pack", weight)
+        self.register_buffer("scale_zero", scale_zero)  # [G, N, 2] bf16: (1, o)
+        self.register_buffer("scales", scales)  # fp32 [1] or [N]
+        self.register_buffer("sparse_rows", sparse_rows)  # int64 [nnz]
+        self.register_buffer("sparse_cols", sparse_cols)  # int64 [nnz]
+        self.register_buffer("sparse_val", sparse_val)  # fp32 [nnz]
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.group_size, self.in_features = group_size, in_features
+        self.out_features = weight.shape[0]
+        self.sparse_count = int((sparse_val != 0).sum())  # nonzeros of Δ, padding excluded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.weight_int4pack, self.group_size, self.scale_zero).float()
+        if self.sparse_count:  # y[:, n] += x[:, k]·Δ[n, k] over the entries
+            y = y.index_add(1, self.sparse_rows, x2.float()[:, self.sparse_cols] * self.sparse_val)
+        y = y * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, int4pack + {self.sparse_count} sparse "
+                "(bf16 compute)")
+
+
+def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                     max_sparse_fraction: float | None = None) -> Int4SparseLinear | None:
+    """The int4pack + sparse layer for ``W = s_n · C`` (integer ``codes`` C [N, K],
+    ``scales`` [1] or [N]), or ``None`` when it cannot be built (``N % 16 ≠ 0``, no group
+    size dividing ``K``) or more than ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights (then the int8
+    path is faster), or the form is turned off (``ENABLED``)."""
+    n, k = codes.shape
+    group = group_size_for(k)
+    if not ENABLED or group is None or n % 16:
+        return None
+    if max_sparse_fraction is None:
+        max_sparse_fraction = MAX_SPARSE_FRACTION
+    codes = codes.to(torch.int64)
+    offsets = window_offsets(codes, group)
+    q, delta = split_codes(codes, offsets, group)
+    if int((delta != 0).sum()) > max_sparse_fraction * n * k:
+        return None
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    scale_zero = torch.stack([torch.ones(n, k // group), offsets.to(torch.float32)], -1)
+    return Int4SparseLinear(weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
+                            scales.reshape(-1).to(torch.float32), *coo(delta), bias, group, k)
