@@ -351,7 +351,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     batches = calibration_batches(calibration, batch_size)
     masks = [b.attention_mask for b in batches]
     report = QuantizationReport(mode=mode)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     bar = None
@@ -395,5 +395,5 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         model.train(was_training)
         report.float_parameters, report.quantized_parameters = float_parameters(
             model, [f"{r.name}.weight" for r in report.rows], path)
-        report.seconds = time.perf_counter() - start
+        report.seconds = time.perf_counter() - t0
     return report
