@@ -10,7 +10,9 @@ linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, 
 quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
 from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
-SmolLM2, ``evaluate`` measures perplexity.
+SmolLM2, ``evaluate`` measures perplexity. ``allocation`` spreads an HPTQ bit budget over the
+layers from one Lagrange multiplier (float-model Hessians and a Fisher probe, then
+``quantize_model`` at the per-layer targets).
 
 Imports from ``lattice`` and ``ao``; distributed and streamed (larger-than-memory)
 calibration belong here, beside ``sequential``.

@@ -40,6 +40,7 @@ def _quantize(args: argparse.Namespace) -> None:
     _out_is_free(args)
     _positive(args, "calib_windows", "calib_len")
     _at_least(args, "refine", minimum=0)
+    _at_least(args, "k", minimum=1)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
     shape = _model_shape(args.model, args.num_layers)
