@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 report = quantize_model(model, config, cal, mode=args.mode,
                                         batch_size=args.batch_size, progress=progress)
+            if args.mode != "torchao":
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
                 record.update(order=args.order, mode=args.mode, search=args.search,
                               k=args.k if args.search == "kbest" else None,

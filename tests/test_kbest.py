@@ -152,7 +152,7 @@ def test_bad_arguments(kwargs, match):
     w = torch.randn(4, 16)
     h = torch.eye(16) + 0.1
     with pytest.raises(BabaiError, match=match):
-        quantize_weight(w, h, **kwargs)
+        quantize_weight(w, h, **{"group_size": 8, **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -122,7 +122,7 @@ def allocate(curves: Sequence[RateCurve], budget_bits: float, iters: int = 200
     if not curves:
         raise BabaiError("no layers to allocate bits to")
     coarsest = _extreme(curves, coarse=True)
-    if coarsest.avg_bits > budget_bits + 1e-12:
+    if coarsest.avg_bits > budget_bits + 1e-9:
         raise BabaiError(f"budget {budget_bits} bits/weight is below the coarsest measured "
                          f"steps ({coarsest.avg_bits:.3f}): measure larger steps or raise "
                          "the budget")
