@@ -82,7 +82,7 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
                          "babai_ao.babai_config(...) (or any object with "
                          f"{', '.join(CONFIG_FIELDS)})")
     kwargs = {f: getattr(config, f) for f in CONFIG_FIELDS}
-    for extra in ("block_size", "refine", "exact_offset"):
+    for extra in ("block_size", "refine", "exact_offset", "search", "k"):
         if getattr(config, extra, None) is not None:
             kwargs[extra] = getattr(config, extra)
     return kwargs
@@ -193,16 +193,18 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
         linear = modules[name]
         t0 = time.perf_counter()
         w = weight_matrix(linear)  # W [out, in]: a Conv1D's stored weight transposed
+        layer_config = (config.for_layer(f"{prefix}.{name}") if hasattr(config, "for_layer")
+                        else config)  # per-layer targets (calibration.allocation)
         if no_clipping:  # SSQR / HPTQ: the config builds the stored tensor
-            tensor = config.quantize_tensor(w, acc.hessian, w.dtype)
+            tensor = layer_config.quantize_tensor(w, acc.hessian, w.dtype)
             set_weight(linear, tensor)
             c = tensor.certificate
         else:
             qw = quantize_weight(w, acc.hessian, **qkwargs)
             install(linear, qw)
             c = qw.certificate
-        if hasattr(config, "applied_to"):  # a BabaiConfig: remembered for save_pretrained
-            config.applied_to(linear)
+        if hasattr(layer_config, "applied_to"):  # a BabaiConfig: kept for save_pretrained
+            layer_config.applied_to(linear)
         rows.append(LayerReport(
             name=f"{prefix}.{name}", trace_d=c.trace_d, error=c.error,
             error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,

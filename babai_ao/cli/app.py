@@ -80,6 +80,9 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-density", type=float, help="ssqr: fraction of weights as outliers")
     p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
                    help="coordinate-descent sweeps after Babai (never raise the error; 0: off)")
+    p.add_argument("--search", choices=("babai", "kbest"), default="babai",
+                   help="kbest: keep --k survivors per row (never a larger error than Babai)")
+    p.add_argument("--k", type=int, default=16, help="K-best survivors per row")
     p.add_argument("--symmetric", action="store_true",
                    help="symmetric grid, zero code 2^(b-1) (GGUF Q4_0 / Q8_0)")
     p.add_argument("--exact-offset", action="store_true",

@@ -45,6 +45,7 @@ def _quantize(args: argparse.Namespace) -> None:
     if getattr(args, "tune", 0) and args.mode == "rtn":
         raise BabaiError("--tune needs calibration data: use --mode sequential or observe "
                          "(or drop --tune)")
+    _at_least(args, "k", minimum=1)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
     _streaming(args)

@@ -27,7 +27,9 @@ def make_config(args: argparse.Namespace) -> Any:
     return babai_config(bits=args.bits, group_size=args.group_size, order=args.order,
                         clip=clip, refine=getattr(args, "refine", 0),
                         symmetric=getattr(args, "symmetric", False),
-                        exact_offset=getattr(args, "exact_offset", False), **extra)
+                        exact_offset=getattr(args, "exact_offset", False),
+                        search=getattr(args, "search", "babai"), k=getattr(args, "k", 16),
+                        **extra)
 
 
 def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
@@ -43,7 +45,8 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         "order": args.order, "clip": args.clip, "mode": args.mode,
         "target_bits": args.target_bits, "outlier_density": args.outlier_density,
         "refine": getattr(args, "refine", 0), "symmetric": getattr(args, "symmetric", False),
-        "exact_offset": getattr(args, "exact_offset", False)}
+        "exact_offset": getattr(args, "exact_offset", False),
+        "search": getattr(args, "search", "babai"), "k": getattr(args, "k", 16)}
     t0 = time.perf_counter()
     if args.mode == "rtn":
         from torchao.quantization import quantize_
