@@ -10,8 +10,10 @@ linears that read one tensor; ``layers`` says what is quantized (``nn.Linear``, 
 quantized outputs; ``report`` holds the per-layer certificates and ``coverage`` lists the
 parameters left in float; ``experts`` calibrates fused MoE experts, one Hessian per expert
 from its routed tokens. ``data`` makes WikiText-2 windows, ``models`` loads the bundled
-SmolLM2, ``evaluate`` measures perplexity.
+SmolLM2, ``evaluate`` measures perplexity. ``distributed`` spreads sequential calibration over
+the ranks of a ``torch.distributed`` group: windows split, Hessian sums reduced, solves
+spread by cost and broadcast, codes equal to one process's.
 
-Imports from ``lattice`` and ``ao``; distributed and streamed (larger-than-memory)
-calibration belong here, beside ``sequential``.
+Imports from ``lattice`` and ``ao``; streamed (larger-than-memory) calibration belongs
+here too, beside ``sequential``.
 """

@@ -11,7 +11,13 @@ from babai_ao.errors import BabaiError
 
 @dataclass
 class HessianAccumulator:
-    """Streams ``H += XᵀX`` over batches of layer inputs ``x[..., K]``; counts tokens."""
+    """Streams ``H += XᵀX`` over batches of layer inputs ``x[..., K]``; counts tokens.
+
+    Each ``add`` forms the batch's own Gram matrix ``P_b = X_bᵀX_b`` first and then adds it,
+    so ``H = (…((0 + P_1) + P_2) + …)``: a fixed sequence of additions of per-batch partials
+    that a run split over processes reproduces bit for bit
+    (``babai_ao.calibration.distributed``), which an in-place ``addmm_`` would not.
+    """
 
     in_features: int
     dtype: torch.dtype = torch.float32
@@ -26,6 +32,12 @@ class HessianAccumulator:
                                    device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
+        partial, tokens = self.batch_gram(x)
+        self.hessian += partial
+        self.tokens += tokens
+
+    def batch_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(X_bᵀX_b, tokens)`` of one batch of inputs, in the accumulator's dtype."""
         if x.shape[-1] != self.in_features:
             raise BabaiError(f"input has {x.shape[-1]} features, the Hessian expects "
                              f"{self.in_features}: observe the input of the layer being quantized")
@@ -33,8 +45,7 @@ class HessianAccumulator:
         if not torch.isfinite(x).all():
             raise BabaiError("calibration activations contain NaN/Inf: check the model and "
                              "data (run the float model on the same batch)")
-        self.hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+        return x.T @ x, x.shape[0]
 
 
 def validate_hessian(hessian: torch.Tensor, in_features: int) -> None:
