@@ -223,9 +223,9 @@ def reduce_hessians(accs: AccT) -> AccT:
     dict or list, the same keys in the same order on every rank), on every rank; unchanged
     in one process."""
     group = _ACTIVE.get()
-    if group is None:
-        return accs
     items = list(accs.values()) if isinstance(accs, dict) else list(accs)
+    if group is None or not items:  # (no items: the same on every rank, nothing to send)
+        return accs
     here = tuple(a.tokens for a in items)
     counts = torch.tensor(here, dtype=torch.int64, device=group.device)
     _guarded("all_reduce(token counts)", lambda: dist.all_reduce(counts, dist.ReduceOp.SUM))
