@@ -340,3 +340,38 @@ def test_too_few_batches_and_bad_reduction_are_refused() -> None:
     # cost-balanced owners: q (576·576²) alone, k and v (192·576² each) together
     assert distributed.owners([576, 192, 192], 2) == [0, 1, 1]
     assert distributed.owners([5, 5, 5, 5], 2) == [0, 1, 0, 1]
+
+
+def test_cli_nproc_runs_torchrun_and_rank_0_writes_the_single_process_result(
+        smollm2_small, tmp_path) -> None:
+    """``babai-ao quantize --nproc 2`` → torchrun → ``python -m babai_ao`` on 2 ranks: one
+    output directory, written whole, with the certificates of the 1-process run."""
+    import json
+    import subprocess
+    import sys
+
+    from babai_ao.calibration.data import calibration_windows
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "babai_ao", "quantize", "smollm2", "--num-layers", "1",
+           "--calib-windows", "16", "--calib-len", "16", "--nproc", "2", "--no-progress",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved to") == 1  # rank 0 alone writes and reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left
+    record = json.loads((out / "babai_run.json").read_text())
+    assert record["processes"] == 2
+    model = copy.deepcopy(smollm2_small[0])
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    calib = calibration_windows(smollm2_small[1], n=16, seq_len=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1)
+    try:
+        report = babai_ao.quantize_model(model, babai_ao.babai_config(**CONFIG), calib,
+                                         batch_size=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["name"], r["error"], r["tokens"]) for r in record["layers"]] == \
+        [(r.name, r.error, r.tokens) for r in report.rows]
