@@ -20,6 +20,9 @@ run's state (finished blocks, the next block's inputs) so a crashed run resumes.
 layers from one Lagrange multiplier (float-model Hessians and a Fisher probe, then
 ``quantize_model`` at the per-layer targets).
 
-Imports from ``lattice`` and ``ao``; distributed calibration belongs here too, beside
-``sequential``.
+``distributed`` spreads sequential calibration over the ranks of a ``torch.distributed``
+group: windows split, Hessian sums reduced, solves spread by cost and broadcast, codes equal
+to one process's.
+
+Imports from ``lattice`` and ``ao``.
 """

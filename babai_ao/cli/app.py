@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streamed run (implies --stream) that saves finished blocks and the next "
                         "block's inputs in DIR; rerunning the same command resumes there")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--nproc", type=int, default=1,
+                   help="processes to calibrate in (torch.distributed, launched with torchrun: "
+                        "the calibration windows split across them, same codes as one)")
+    q.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="with --nproc: how long a process waits for the others before it "
+                        "gives up with an error (a failed process stops the others sooner)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity (and a generation sample)")
@@ -210,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `quantize --nproc`
     try:
         preflight.check(args)  # every argument, before any model is loaded
         if args.threads is not None:
