@@ -190,7 +190,10 @@ LABELS = {"rtn": "RTN g64 (clipped)",
           "p1": "Babai/GPTQ g64 (clipped, sequential calibration; P1 table)", "hrtn": "HRTN",
           "hptq": "HPTQ (per tensor)", "ssqr": "SSQR g64",
           "hptqseq": "HPTQ (per tensor, sequential calibration; P1 table)",
-          "ssqrseq": "SSQR g64 (sequential calibration; P1 table)"}
+          "ssqrseq": "SSQR g64 (sequential calibration; P1 table)",
+          "hptqlam": "HPTQ sequential, one-λ bit allocation (issue 21)",
+          "hptqkbest": "HPTQ sequential, K-best search (issue 21)",
+          "hptqlamkbest": "HPTQ sequential, one-λ allocation + K-best (issue 21)"}
 
 
 def _kind(row: str | dict) -> str:
@@ -211,6 +214,9 @@ def sequential_rows() -> list[dict]:
         if fmt in ("hptq", "ssqr"):  # no clipping: the certificate's E <= B count
             checks = r["bound_checks"]
             holds, kind = f"{checks['E_le_B']}/{checks['layers']}", f"{fmt}seq"
+            levers = ("lam" if r.get("allocate") else "") + (
+                "kbest" if r.get("search") == "kbest" else "")
+            kind = f"{fmt}{levers}" if levers else kind
         else:
             holds, kind = "n/a (clipped)", "p1" if r["method"] == "babai" else "rtn"
         rows.append({"row": f"{path.stem}", "bits": r["avg_bits_per_weight"], "ppl": r["ppl"],

@@ -67,7 +67,7 @@ def torchao_observe_convert(model: torch.nn.Module, config: Any, calibration: to
     fqns = {name for name, _ in decoder_linears(model)}
     only = lambda m, fqn: fqn in fqns  # noqa: E731  (not lm_head: tied to the embeddings)
     fields = {f: getattr(config, f) for f in ("bits", "group_size", "symmetric", "order",
-                                              "clip", "damp", "refine")}
+                                              "clip", "damp", "refine", "search", "k")}
     quantize_(model, babai_config(**fields, step="observe"), filter_fn=only)
     with torch.no_grad():
         for ids in calibration.split(batch_size):
@@ -79,7 +79,7 @@ def torchao_observe_convert(model: torch.nn.Module, config: Any, calibration: to
 def make_config(args: argparse.Namespace) -> tuple[Any, str]:
     fields = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
               "order": args.order, "clip": not args.no_clip, "damp": args.damp,
-              "refine": args.refine}
+              "refine": args.refine, "search": args.search, "k": args.k}
     if args.format != "grid":  # babai_config validates the combination
         fields.update(clip=args.format, target_bits=args.target_bits,
                       outlier_density=args.outlier_density)
@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> None:
                         "are fixed (babai_ao.calibration.tuning; 0: off)")
     p.add_argument("--tune-lr", type=float, default=2e-3)
     p.add_argument("--tune-windows", type=int, default=2, help="calibration windows per step")
+    p.add_argument("--search", choices=("babai", "kbest"), default="babai",
+                   help="kbest: K-best back-substitution (babai_ao.lattice.kbest)")
+    p.add_argument("--k", type=int, default=16, help="K-best survivors per row")
+    p.add_argument("--allocate", action="store_true",
+                   help="hptq: per-layer bits from one λ (babai_ao.calibration.allocation)")
+    p.add_argument("--fisher-windows", type=int, default=16,
+                   help="--allocate: calibration windows of the Fisher sensitivity probe")
     p.add_argument("--calib-n", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
@@ -162,10 +169,19 @@ def main(argv: list[str] | None = None) -> None:
             record["calibration"] = {
                 "n": args.calib_n, "seq_len": args.calib_len, "seed": 0,
                 "sha256_ids": hashlib.sha256(cal.numpy().tobytes()).hexdigest()[:16]}
+            if args.mode == "torchao" and args.allocate:
+                raise SystemExit("--allocate runs with --mode sequential or observe")
             if args.mode == "torchao":
                 rows = torchao_observe_convert(model, config, cal, args.batch_size)
                 record["quant_seconds"] = time.perf_counter() - t0
                 record.update(order=args.order, mode=args.mode)
+            elif args.allocate:
+                from babai_ao.calibration.allocation import quantize_model_allocated
+
+                report, layer_bits = quantize_model_allocated(
+                    model, config, cal, mode=args.mode, batch_size=args.batch_size,
+                    fisher_windows=args.fisher_windows, progress=progress)
+                record["allocation"] = layer_bits.summary()
             else:
                 from babai_ao.calibration.tuning import TuneSettings
 
@@ -181,10 +197,14 @@ def main(argv: list[str] | None = None) -> None:
                                         tune=tune if tune.steps else None, **fast)
                 record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
                                   "blocks": report.tuning}
+                record.update(forward_dtype=args.forward_dtype,
+                              hessian_tiles=args.hessian_tiles)
+            if args.mode != "torchao":
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
-                record.update(order=args.order, mode=args.mode,
-                              forward_dtype=args.forward_dtype,
-                              hessian_tiles=args.hessian_tiles, solver_seconds=report.solver_seconds,
+                record.update(order=args.order, mode=args.mode, search=args.search,
+                              k=args.k if args.search == "kbest" else None,
+                              allocate=args.allocate,
+                              solver_seconds=report.solver_seconds,
                               calibrate_quantize_seconds=report.seconds)
                 rows = report_rows(report)
             applicable = [r for r in rows if r["clipped"] == 0]

@@ -82,6 +82,13 @@ def assert_outcome(code: int, err: str, reached: list[str]) -> None:
     (["quantize", "{model}", "--out", "{root}/q", "--calib-file", "{binary}"], "UTF-8"),
     (["quantize", "{model}", "--out", "{root}/q", "--calib-file", "{empty}"], "empty"),
     (["quantize", "{model}", "--out", "{existing}"], "already exists"),
+    (["quantize", "{model}", "--out", "{root}/q", "--nproc", "0"], "--nproc 0"),
+    (["quantize", "{model}", "--out", "{root}/q", "--nproc", "2", "--mode", "rtn"],
+     "has none"),
+    (["quantize", "{model}", "--out", "{root}/q", "--nproc", "3", "--calib-windows", "16"],
+     "--calib-windows 24"),
+    (["quantize", "{model}", "--out", "{root}/q", "--nproc", "2", "--dist-timeout", "0"],
+     "--dist-timeout 0"),
     (["eval", "{model}", "--seq-len", "-5"], "--seq-len -5"),
     (["eval", "{model}", "--seq-len", "2048"], "context of 1024"),
     (["eval", "{model}", "--data-file", "{root}/missing.txt"], "not a file"),
@@ -122,7 +129,8 @@ def argvs(draw, files: dict[str, Path]) -> list[str]:
     opt = {
         "quantize": ["--bits", "--group-size", "--order", "--clip", "--target-bits",
                      "--outlier-density", "--refine", "--mode", "--calib-windows",
-                     "--calib-len", "--calib-file", "--num-layers", "--overwrite"],
+                     "--calib-len", "--calib-file", "--num-layers", "--overwrite", "--nproc",
+                     "--dist-timeout"],
         "eval": ["--windows", "--seq-len", "--data-file", "--generate", "--new-tokens",
                  "--num-layers"],
         "export": ["--format", "--mode", "--out", "--seq-len", "--num-layers",
@@ -145,7 +153,7 @@ def argvs(draw, files: dict[str, Path]) -> list[str]:
         "--out": st.sampled_from([str(files["root"] / n) for n in ("o.onnx", "o.pte", "o.txt")]),
         "--generate": st.sampled_from(["hello", " "]),
         "--target-bits": FLOATS.map(str), "--outlier-density": FLOATS.map(str),
-        "--float-ppl": FLOATS.map(str),
+        "--float-ppl": FLOATS.map(str), "--dist-timeout": FLOATS.map(str),
     }
     argv = [command] + ([] if command in ("demo", "report") else [model])
     if command == "report":

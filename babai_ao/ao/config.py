@@ -37,7 +37,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from babai_ao.errors import BabaiError
 from babai_ao.lattice.grid import SUPPORTED_BITS
 from babai_ao.lattice.ldl import ORDERS
-from babai_ao.lattice.quantize import quantize_weight
+from babai_ao.lattice.quantize import SEARCHES, quantize_weight
 
 from . import integration, observe
 from .tensor import BabaiQuantizedTensor
@@ -67,6 +67,8 @@ class BabaiConfig(AOBaseConfig):
     block_size: int = 128
     refine: int = 0
     exact_offset: bool = False
+    search: str = "babai"
+    k: int = 16
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
@@ -112,6 +114,17 @@ class BabaiConfig(AOBaseConfig):
             raise BabaiError("give target_bits or outlier_density, not both")
         if self.clip == "ssqr" and self.symmetric:
             raise BabaiError("clip='ssqr' uses asymmetric shrunk grids: set symmetric=False")
+        if self.search not in SEARCHES:
+            raise BabaiError(f"search={self.search!r} is unknown: choose one of {SEARCHES}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise BabaiError(f"k={self.k!r} must be an integer >= 1 (K-best survivors per row)")
+        if self.search == "kbest" and self.clip == "ssqr":
+            raise BabaiError("search='kbest' runs on fixed grids and HPTQ; SSQR's outlier "
+                             "search is Babai's: use clip=True/False/'hptq' or search='babai'")
+        if self.search == "kbest" and self.order == "natural" and self.clip != "hptq" \
+                and self.group_size is not None:
+            raise BabaiError("search='kbest' needs grids fixed up front: use order='act' or "
+                             "'min-pivot'")
         if not isinstance(self.exact_offset, bool):
             raise BabaiError(f"exact_offset={self.exact_offset!r} must be True or False")
         if self.exact_offset and self.clip in ("ssqr", "hptq"):
@@ -137,7 +150,7 @@ class BabaiConfig(AOBaseConfig):
             from .hptq_tensor import HuffmanQuantizedTensor
 
             hw = hptq.quantize(weight.detach(), hessian, self.target_bits, order=self.order,
-                               damp=self.damp)
+                               damp=self.damp, search=self.search, k=self.k)
             return HuffmanQuantizedTensor.from_hptq(hw, dtype)  # type: ignore[return-value]
         if self.clip == "ssqr":
             from babai_ao.formats import ssqr
@@ -154,7 +167,7 @@ class BabaiConfig(AOBaseConfig):
                              group_size=self.group_size, symmetric=self.symmetric,
                              order=self.order, clip=bool(self.clip), damp=self.damp,
                              block_size=self.block_size, refine=self.refine,
-                             exact_offset=self.exact_offset)
+                             exact_offset=self.exact_offset, search=self.search, k=self.k)
         return BabaiQuantizedTensor.from_quantized(qw, dtype)
 
 
@@ -162,8 +175,12 @@ def babai_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = 
                  order: str = "act", clip: bool | str = True, damp: float = 0.01,
                  step: str | None = None, target_bits: float | None = None,
                  outlier_density: float | None = None, block_size: int = 128,
-                 refine: int = 0, exact_offset: bool = False) -> BabaiConfig:
+                 refine: int = 0, exact_offset: bool = False, search: str = "babai",
+                 k: int = 16) -> BabaiConfig:
     """The config for ``torchao.quantization.quantize_`` (arguments validated; BabaiError).
+
+    ``search="kbest"``: K-best back-substitution with ``k`` survivors per row instead of
+    Babai's single path (``babai_ao.lattice.kbest``; never a larger error than Babai).
 
     ``exact_offset=True``: asymmetric grids whose offset ``s·z`` is exact in fp16, so GGUF
     Q4_1 (``w = d·q + m``, fp16 ``m = −s·z``) stores them exactly (``babai_ao.lattice.grid``).
@@ -171,7 +188,7 @@ def babai_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = 
     return BabaiConfig(bits=bits, group_size=group_size, symmetric=symmetric, order=order,
                        clip=clip, damp=damp, step=step, target_bits=target_bits,
                        outlier_density=outlier_density, block_size=block_size,
-                       refine=refine, exact_offset=exact_offset)
+                       refine=refine, exact_offset=exact_offset, search=search, k=k)
 
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, BabaiConfig] = weakref.WeakKeyDictionary()

@@ -16,7 +16,13 @@ bundled SmolLM2, ``evaluate`` measures perplexity. ``streaming`` calibrates a mo
 memory: parameters on the meta device, each block read from its checkpoint (safetensors or
 GGUF) only while it is calibrated, handed to a sink and freed; ``resume`` keeps a streamed
 run's state (finished blocks, the next block's inputs) so a crashed run resumes.
+``allocation`` spreads an HPTQ bit budget over the
+layers from one Lagrange multiplier (float-model Hessians and a Fisher probe, then
+``quantize_model`` at the per-layer targets).
 
-Imports from ``lattice`` and ``ao``; distributed calibration belongs here too, beside
-``sequential``.
+``distributed`` spreads sequential calibration over the ranks of a ``torch.distributed``
+group: windows split, Hessian sums reduced, solves spread by cost and broadcast, codes equal
+to one process's.
+
+Imports from ``lattice`` and ``ao``.
 """

@@ -13,6 +13,10 @@ An expert that no calibration token reached has no Hessian: it is rounded to nea
 same grid (``H = I``), named in a warning and reported with ``tokens = 0`` (or refused with
 ``strict=True``). The router stays float. When a block is done its experts module is replaced
 by ``babai_ao.ao.experts.BabaiExperts`` (packed codes, one custom op).
+
+In a distributed calibration each expert's ``H`` is summed over the ranks (every rank takes
+part for every expert, also one that no token of its own reached) and the experts' solves
+are spread over the ranks by cost (``distributed``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import QuantizedWeight, quantize_weight
 
 from .blocks import StopForward, run_block
+from .distributed import hessian, reduce_hessians, solve_cost, solve_spread
 from .report import LayerReport
 
 
@@ -53,7 +58,7 @@ def collect(block: nn.Module, module: nn.Module, part: str,
     num = module.gate_up_proj.shape[0]
     width = module.gate_up_proj.shape[2] if part == "gate_up" else module.down_proj.shape[2]
     device = module.gate_up_proj.device
-    accs = [HessianAccumulator(width, device=device) for _ in range(num)]
+    accs = [hessian(width, device) for _ in range(num)]
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -76,7 +81,7 @@ def collect(block: nn.Module, module: nn.Module, part: str,
                 run_block(block, inp)
     finally:
         handle.remove()
-    return accs
+    return reduce_hessians(accs)  # summed over the ranks of a distributed run
 
 
 def quantize_experts(block: nn.Module, prefix: str,
@@ -103,10 +108,18 @@ def quantize_experts(block: nn.Module, prefix: str,
                     raise BabaiError(message + ": pass more calibration data")
                 warnings.warn(message, UserWarning, stacklevel=3)
             weights[part] = []
-            for e, acc in enumerate(accs):
-                t0 = time.perf_counter()
-                hessian = acc.hessian if acc.tokens else None
-                qw = quantize_weight(param[e].detach().float(), hessian, **qkwargs)
+
+            def solve(w: torch.Tensor, acc: HessianAccumulator):
+                def job() -> tuple[QuantizedWeight, float]:
+                    t0 = time.perf_counter()
+                    h = acc.hessian if acc.tokens else None
+                    qw = quantize_weight(w.detach().float(), h, **qkwargs)
+                    return qw, time.perf_counter() - t0
+                return job
+
+            results = solve_spread([(solve_cost(*param.shape[1:]), solve(param[e], acc))
+                                    for e, acc in enumerate(accs)], param.device)
+            for e, (acc, (qw, seconds)) in enumerate(zip(accs, results, strict=True)):
                 with torch.no_grad():  # later parts and stages see the quantized weight
                     param[e].copy_(qw.dequantize(param.dtype))
                 weights[part].append(qw)
@@ -114,8 +127,7 @@ def quantize_experts(block: nn.Module, prefix: str,
                 rows.append(LayerReport(
                     name=f"{prefix}.{name}.{part}_proj[{e}]", trace_d=c.trace_d, error=c.error,
                     error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,
-                    bits_per_weight=c.bits_per_weight, seconds=time.perf_counter() - t0,
-                    tokens=acc.tokens))
+                    bits_per_weight=c.bits_per_weight, seconds=seconds, tokens=acc.tokens))
         packed = BabaiExperts.from_quantized(weights["gate_up"], weights["down"], act,
                                              module.gate_up_proj.dtype)
         packed.to(module.gate_up_proj.device)

@@ -30,6 +30,10 @@ paused forwards' live activations instead, ``lockstep.LOCKSTEP_BUDGET``) — plu
 unless it is streamed (``stream=``: ``streaming.BlockStream`` reads each block only while it
 is calibrated, then writes and frees it). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
+
+Called on every rank of a ``torch.distributed`` process group, the calibration windows are
+split across the ranks, each stage's Hessians are summed over them and its solves spread
+(``babai_ao.calibration.distributed``): the codes equal the single-process run's.
 """
 
 from __future__ import annotations
@@ -48,10 +52,11 @@ from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import quantize_weight
 
-from . import lockstep
+from . import distributed, lockstep
 from .batches import Batch, calibration_batches, model_forward, token_rows
 from .blocks import StopForward, decoder_blocks, first_block_inputs, linear_stages, run_block
 from .coverage import float_parameters
+from .distributed import hessian, reduce_hessians, solve_cost, solve_spread
 from .experts import quantize_experts
 from .layers import (
     in_features,
@@ -82,7 +87,7 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
                          "babai_ao.babai_config(...) (or any object with "
                          f"{', '.join(CONFIG_FIELDS)})")
     kwargs = {f: getattr(config, f) for f in CONFIG_FIELDS}
-    for extra in ("block_size", "refine", "exact_offset"):
+    for extra in ("block_size", "refine", "exact_offset", "search", "k"):
         if getattr(config, extra, None) is not None:
             kwargs[extra] = getattr(config, extra)
     return kwargs
@@ -111,7 +116,7 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
 
     for stage in stages:
         lead = modules[stage[0]]
-        accs[stage[0]] = HessianAccumulator(in_features(lead), device=lead.weight.device)
+        accs[stage[0]] = hessian(in_features(lead), lead.weight.device)
         handles.append(lead.register_forward_pre_hook(hook_for(stage[0])))
     outputs: list[torch.Tensor] = []
     try:
@@ -126,7 +131,7 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     finally:
         for h in handles:
             h.remove()
-    return accs, outputs
+    return reduce_hessians(accs), outputs  # summed over the ranks of a distributed run
 
 
 def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8,
@@ -189,25 +194,35 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
     if no_clipping and not hasattr(config, "quantize_tensor"):
         raise BabaiError(f"clip={qkwargs['clip']!r} needs a babai_ao.babai_config(...) config "
                          "(its quantize_tensor builds the SSQR/HPTQ weight)")
-    for name in stage:
+
+    def layer_config(name: str) -> Any:  # per-layer targets (calibration.allocation)
+        return config.for_layer(f"{prefix}.{name}") if hasattr(config, "for_layer") else config
+
+    def solve(linear: nn.Module, name: str) -> Callable[[], tuple[Any, float]]:
+        def job() -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            w = weight_matrix(linear)  # W [out, in]: a Conv1D's stored weight transposed
+            result = (layer_config(name).quantize_tensor(w, acc.hessian, w.dtype)
+                      if no_clipping else quantize_weight(w, acc.hessian, **qkwargs))
+            return result, time.perf_counter() - t0
+        return job
+
+    # distributed: each solve on its owner rank, the result broadcast to every rank
+    results = solve_spread([(solve_cost(*weight_matrix(modules[n]).shape), solve(modules[n], n))
+                            for n in stage], modules[stage[0]].weight.device)
+    for name, (result, seconds) in zip(stage, results, strict=True):
         linear = modules[name]
-        t0 = time.perf_counter()
-        w = weight_matrix(linear)  # W [out, in]: a Conv1D's stored weight transposed
-        if no_clipping:  # SSQR / HPTQ: the config builds the stored tensor
-            tensor = config.quantize_tensor(w, acc.hessian, w.dtype)
-            set_weight(linear, tensor)
-            c = tensor.certificate
+        if no_clipping:  # SSQR / HPTQ: the config built the stored tensor
+            set_weight(linear, result)
         else:
-            qw = quantize_weight(w, acc.hessian, **qkwargs)
-            install(linear, qw)
-            c = qw.certificate
-        if hasattr(config, "applied_to"):  # a BabaiConfig: remembered for save_pretrained
-            config.applied_to(linear)
+            install(linear, result)
+        c = result.certificate
+        if hasattr(layer_config(name), "applied_to"):  # a BabaiConfig: kept for save_pretrained
+            layer_config(name).applied_to(linear)
         rows.append(LayerReport(
             name=f"{prefix}.{name}", trace_d=c.trace_d, error=c.error,
             error_undamped=c.error_undamped, bound=c.bound, clipped=c.clipped,
-            bits_per_weight=c.bits_per_weight, seconds=time.perf_counter() - t0,
-            tokens=acc.tokens))
+            bits_per_weight=c.bits_per_weight, seconds=seconds, tokens=acc.tokens))
     return rows
 
 
@@ -247,7 +262,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
         rows += quantize_experts(block, prefix, inputs, qkwargs)
         if tune is None:
             return rows, outputs
-    elif lockstep.usable(block, inputs, repeated):  # one forward per batch, paused per stage
+    elif distributed.world_size() == 1 and lockstep.usable(block, inputs, repeated):
+        # one forward per batch, paused per stage (one process: its Hessians are not reduced)
         def quantize(stage: list[str], acc: HessianAccumulator) -> None:
             if bar is not None:
                 bar.set_postfix_str(f"{prefix}.{stage[0]}")
@@ -303,8 +319,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    stream: BlockStream | None = None, tune: TuneSettings | None = None,
-                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = False
-                   ) -> QuantizationReport:
+                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = False,
+                   hessian_reduce: str = "ordered") -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
 
@@ -326,6 +342,11 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     ``forward_dtype=torch.bfloat16`` (calibration forwards in bf16, Hessians in float32),
     ``hessian_tiles=True`` (only the Hessians' upper tiles are computed, then mirrored).
     Returns the per-layer report, with every parameter left in float listed.
+
+    Inside a ``torch.distributed`` process group, call it on every rank with the same
+    arguments: each rank calibrates its share of the batches and all end with the same
+    quantized model and report (``distributed``; ``hessian_reduce``: ``"ordered"``, codes
+    bit-identical to one process, or ``"sum"``, one fp64 all-reduce per Hessian).
     """
     if mode not in MODES:
         raise BabaiError(f"mode={mode!r}: choose one of {MODES}")
@@ -348,7 +369,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     if qkwargs["clip"] == "hptq" and any(is_conv1d(m) for m in stack.modules()):
         raise BabaiError("clip='hptq' weights cannot be stored transposed, as GPT-2's Conv1D "
                          "needs: use clip='ssqr' (or True/False) for this model")
-    batches = calibration_batches(calibration, batch_size)
+    batches, shared = distributed.start(calibration_batches(calibration, batch_size),
+                                        hessian_reduce)  # this rank's share
     masks = [b.attention_mask for b in batches]
     report = QuantizationReport(mode=mode)
     t0 = time.perf_counter()
@@ -367,7 +389,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                     lambda: first_block_inputs(model, stack[0], batches))
         report.rows += [LayerReport(**r) for r in done]
         steps: Iterable[int] = range(start, len(stack))
-        if progress:
+        if progress and distributed.is_lead():
             from tqdm.auto import tqdm
 
             bar = tqdm(steps, desc=f"quantize ({mode})", unit="block", initial=start,
@@ -396,4 +418,5 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         report.float_parameters, report.quantized_parameters = float_parameters(
             model, [f"{r.name}.weight" for r in report.rows], path)
         report.seconds = time.perf_counter() - t0
+        distributed.stop(shared)
     return report

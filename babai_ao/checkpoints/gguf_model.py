@@ -137,7 +137,9 @@ class GGUFQ4KConfig:
     symmetric: bool = False
     clip: bool = True
     builds_tensors: bool = True
-    _last: GGUFBlocks | None = None
+    # blocks of weights built but not yet installed, by the decoded tensor's storage: a
+    # stage's solves all run before its installs (``sequential._quantize_stage``)
+    _pending: dict[int, GGUFBlocks] = field(default_factory=dict)
 
     def quantize_tensor(self, weight: torch.Tensor, hessian: torch.Tensor | None = None,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -147,15 +149,17 @@ class GGUFQ4KConfig:
                              f"{weight.dtype}): load it with dtype=torch.float32")
         blocks, decoded = quantize_block_weight(weight, hessian, order=self.order,
                                                 damp=self.damp, block_size=self.block_size)
-        self._last = blocks
+        self._pending[decoded.data_ptr()] = blocks
         decoded.certificate = blocks.certificate  # read by quantize_model's report
         return decoded
 
     def applied_to(self, module: nn.Module) -> None:
         """Keep the blocks of the weight just installed in ``module``."""
-        if self._last is None:
-            raise BabaiError("applied_to without a quantized weight: call quantize_tensor first")
-        self.blocks[module], self._last = self._last, None
+        blocks = self._pending.pop(module.weight.data_ptr(), None)
+        if blocks is None:
+            raise BabaiError("applied_to without a quantized weight: call quantize_tensor "
+                             "first (in this process: GGUF Q4_K export runs in one process)")
+        self.blocks[module] = blocks
 
 
 def quantize_q4_k_model(model: nn.Module, calibration: Any, *, order: str = "act",

@@ -4,7 +4,8 @@
 dispatches; each command has its module (``quantize``, ``evaluate``, ``export``,
 ``report``, ``demo``; ``stream`` is ``quantize --stream``/``--save-state``), sharing ``sources`` (the
 MODEL argument), ``depth`` (the blocks a run kept of the model's: "first 2 of 30 blocks") and
-``output`` (messages, directories written atomically). ``runs`` reads and writes
+``output`` (messages, directories written atomically); ``launch`` starts ``quantize
+--nproc N`` as ``N`` processes under torchrun. ``runs`` reads and writes
 ``babai_run.json`` records, ``plots`` draws them. Every step is a library call
 from the layers below (``calibration``, ``checkpoints``, ``ao``, ``babai_ao.export``); nothing
 here is imported by them.

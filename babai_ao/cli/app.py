@@ -80,6 +80,9 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-density", type=float, help="ssqr: fraction of weights as outliers")
     p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
                    help="coordinate-descent sweeps after Babai (never raise the error; 0: off)")
+    p.add_argument("--search", choices=("babai", "kbest"), default="babai",
+                   help="kbest: keep --k survivors per row (never a larger error than Babai)")
+    p.add_argument("--k", type=int, default=16, help="K-best survivors per row")
     p.add_argument("--symmetric", action="store_true",
                    help="symmetric grid, zero code 2^(b-1) (GGUF Q4_0 / Q8_0)")
     p.add_argument("--exact-offset", action="store_true",
@@ -119,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streamed run (implies --stream) that saves finished blocks and the next "
                         "block's inputs in DIR; rerunning the same command resumes there")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--nproc", type=int, default=1,
+                   help="processes to calibrate in (torch.distributed, launched with torchrun: "
+                        "the calibration windows split across them, same codes as one)")
+    q.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="with --nproc: how long a process waits for the others before it "
+                        "gives up with an error (a failed process stops the others sooner)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity (and a generation sample)")
@@ -207,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `quantize --nproc`
     try:
         preflight.check(args)  # every argument, before any model is loaded
         if args.threads is not None:

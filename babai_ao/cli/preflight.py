@@ -9,7 +9,8 @@ weights), so a bad request fails in a second with one line, ``babai-ao: error: <
 * ``--group-size`` against every decoder linear's ``in_features`` (from the config);
 * combinations: ``--stream`` / ``--save-state`` (calibrated modes, float sources), the
   no-clipping formats' rate arguments, ``--clip false`` (the packed
-  format cannot hold codes outside the b-bit range), export modes and file suffixes;
+  format cannot hold codes outside the b-bit range), export modes and file suffixes,
+  ``--nproc`` (a calibration mode, at least one calibration batch per process);
 * files by their content: a ``.gguf`` by its magic bytes (``sources.resolve``), text
   files (calibration / test data) as UTF-8.
 """
@@ -40,11 +41,13 @@ def check(args: argparse.Namespace) -> None:
 def _quantize(args: argparse.Namespace) -> None:
     _out_is_free(args)
     _positive(args, "calib_windows", "calib_len")
+    _processes(args)
     _at_least(args, "refine", minimum=0)
     _at_least(args, "tune", minimum=0)
     if getattr(args, "tune", 0) and args.mode == "rtn":
         raise BabaiError("--tune needs calibration data: use --mode sequential or observe "
                          "(or drop --tune)")
+    _at_least(args, "k", minimum=1)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
     _streaming(args)
@@ -244,6 +247,27 @@ def _rate_arguments(args: argparse.Namespace) -> None:
     if args.clip == "hptq" and not 1 <= target <= 8:
         raise BabaiError(f"--target-bits {target} is outside HPTQ's 1..8 bits per weight: "
                          "give e.g. 3.3")
+
+
+def _processes(args: argparse.Namespace) -> None:
+    """``--nproc``: calibration modes only, at least one calibration batch per process."""
+    from .quantize import CALIB_BATCH
+
+    _positive(args, "nproc")
+    timeout = getattr(args, "dist_timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise BabaiError(f"--dist-timeout {timeout} must be a positive number of seconds")
+    n = getattr(args, "nproc", 1)
+    if n <= 1:
+        return
+    if args.mode == "rtn":
+        raise BabaiError("--nproc splits calibration, and --mode rtn has none: drop --nproc "
+                         "or use --mode sequential / observe")
+    batches = math.ceil(args.calib_windows / CALIB_BATCH)
+    if batches < n:
+        raise BabaiError(f"--nproc {n} needs at least {n} calibration batches of {CALIB_BATCH} "
+                         f"windows, and --calib-windows {args.calib_windows} makes {batches}: "
+                         f"pass --calib-windows {CALIB_BATCH * n} or more, or fewer processes")
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:

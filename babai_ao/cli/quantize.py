@@ -1,8 +1,15 @@
-"""``babai-ao quantize``: calibrate, quantize, save (safetensors + tokenizer + run record)."""
+"""``babai-ao quantize``: calibrate, quantize, save (safetensors + tokenizer + run record).
+
+With ``--nproc N`` the command starts itself again under ``torchrun`` (``launch``); each of
+the ``N`` processes loads the model and calibrates its share of the windows
+(``babai_ao.calibration.distributed``), and once all of them are done, rank 0 alone writes
+the output directory (atomically: a failed run leaves none).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -11,10 +18,13 @@ from typing import Any
 from torch import nn
 
 from babai_ao import __version__
+from babai_ao.calibration import distributed
 from babai_ao.errors import BabaiError
 
 from .depth import Depth, load_measured
 from .output import atomic_directory, say
+
+CALIB_BATCH = 8  # calibration windows per forward batch (quantize_model's batch_size)
 
 
 def make_config(args: argparse.Namespace) -> Any:
@@ -27,7 +37,9 @@ def make_config(args: argparse.Namespace) -> Any:
     return babai_config(bits=args.bits, group_size=args.group_size, order=args.order,
                         clip=clip, refine=getattr(args, "refine", 0),
                         symmetric=getattr(args, "symmetric", False),
-                        exact_offset=getattr(args, "exact_offset", False), **extra)
+                        exact_offset=getattr(args, "exact_offset", False),
+                        search=getattr(args, "search", "babai"), k=getattr(args, "k", 16),
+                        **extra)
 
 
 def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
@@ -43,7 +55,8 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         "order": args.order, "clip": args.clip, "mode": args.mode,
         "target_bits": args.target_bits, "outlier_density": args.outlier_density,
         "refine": getattr(args, "refine", 0), "symmetric": getattr(args, "symmetric", False),
-        "exact_offset": getattr(args, "exact_offset", False)}
+        "exact_offset": getattr(args, "exact_offset", False),
+        "search": getattr(args, "search", "babai"), "k": getattr(args, "k", 16)}
     t0 = time.perf_counter()
     if args.mode == "rtn":
         from torchao.quantization import quantize_
@@ -67,7 +80,7 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         steps = getattr(args, "tune", 0)
         record["tune_steps"] = steps
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
-                                stream=stream, tune=TuneSettings(steps=steps) if steps else None)
+                                batch_size=CALIB_BATCH, stream=stream, tune=TuneSettings(steps=steps) if steps else None)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
     record.update(runs.coverage_fields(model, record["layers"]))
@@ -88,6 +101,10 @@ def save_run(model: nn.Module, tokenizer: Any, config: Any, record: dict[str, An
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        from .launch import torchrun
+
+        return torchrun(args.nproc, args.argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # before any work
         raise BabaiError(f"{out} already exists: choose another --out or pass --overwrite")
@@ -99,14 +116,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         summary(record)
         say(f"saved to {out} (next: `babai-ao eval {out}`)")
         return 0
-    model, tokenizer, depth = load_measured(args.model, args.num_layers)
+    group = (distributed.process_group("cpu", getattr(args, "dist_timeout", 1800.0))
+             if distributed.launched() else contextlib.nullcontext())
+    with group:  # one of several processes (torchrun): calibrate together
+        model, tokenizer, depth = load_measured(args.model, args.num_layers)
+        quantize_and_save(model, tokenizer, args, config, depth, out)
+    return 0
+
+
+def quantize_and_save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, config: Any,
+                      depth: Depth, out: Path) -> None:
+    """Quantize ``model`` (every rank of a distributed run, together) and, once all ranks
+    have finished, save it to ``out`` from the lead rank only."""
     record = quantize_loaded(model, tokenizer, args, config, progress=not args.no_progress)
     record.update(depth.fields())
+    record["processes"] = distributed.world_size()
+    distributed.barrier("the end of calibration")  # nothing is written unless all succeeded
+    if not distributed.is_lead():
+        return
     with atomic_directory(out, args.overwrite) as tmp:
         save_run(model, tokenizer, config, record, tmp)
     summary(record)
     say(f"saved to {out} (next: `babai-ao eval {out}`)")
-    return 0
 
 
 def summary(record: dict[str, Any]) -> None:

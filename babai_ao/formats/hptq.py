@@ -27,7 +27,7 @@ import torch
 
 from babai_ao.errors import BabaiError
 from babai_ao.lattice.grid import Grid
-from babai_ao.lattice.quantize import Certificate, _check_weight, quantize_weight
+from babai_ao.lattice.quantize import Certificate, QuantizedWeight, _check_weight, quantize_weight
 
 from . import huffman, outliers
 from .accounting import StoredLayer
@@ -112,22 +112,27 @@ def quantize_with_scale(
     chunk: int = huffman.DEFAULT_CHUNK,
     scale_dtype: torch.dtype = torch.float16,
     encode: bool = True,
-) -> tuple[HPTQWeight | None, torch.Tensor, int]:
-    """HPTQ at a fixed step ``scale``: ``(weight or None if not encode, codes, nbytes)``."""
-    n, k = weight.shape
+    search: str = "babai",
+    k: int = 16,
+) -> tuple[HPTQWeight | None, QuantizedWeight, int]:
+    """HPTQ at a fixed step ``scale``: ``(weight or None if not encode, the quantized codes
+    with their certificate, stored bytes)``.
+
+    ``search``/``k``: Babai or K-best (``quantize_weight``)."""
+    n, cols = weight.shape
     grid = Grid(bits=8, clip=False, scale_dtype=scale_dtype)
     base = torch.tensor([float(scale)]) * (row_factors(weight) if per_row else 1.0)
     stored = grid.storable(base).to(scale_dtype)
     rows = stored.to(torch.float32).expand(n).reshape(n, 1)
     qw = quantize_weight(weight, hessian, bits=8, group_size=None, order=order, clip=False,
                          damp=damp, scales=rows, zeros=torch.zeros(n, 1),
-                         scale_dtype=scale_dtype)
+                         scale_dtype=scale_dtype, search=search, k=k)
     nbytes = huffman.encoded_nbytes(qw.codes, chunk) + stored.numel() * stored.element_size()
     if not encode:
-        return None, qw.codes, nbytes
-    out = HPTQWeight(huffman.encode(qw.codes, chunk), stored, n, k, qw.certificate)
+        return None, qw, nbytes
+    out = HPTQWeight(huffman.encode(qw.codes, chunk), stored, n, cols, qw.certificate)
     out.certificate = dataclasses.replace(qw.certificate, bits_per_weight=out.bits_per_weight)
-    return out, qw.codes, nbytes
+    return out, qw, nbytes
 
 
 def quantize(
@@ -142,18 +147,23 @@ def quantize(
     tol: float = 0.005,
     chunk: int = huffman.DEFAULT_CHUNK,
     scale_dtype: torch.dtype = torch.float16,
+    search: str = "babai",
+    k: int = 16,
 ) -> HPTQWeight:
     """HPTQ (HRTN when ``hessian is None``) of ``weight`` [N, K].
 
     Give ``target_bits`` (average stored bits per weight, every byte counted, hit within
     ``tol``) or a fixed ``scale`` (the step; per row it multiplies ``ρ_n``).
+    ``search="kbest"``: the step is searched with Babai's codes, then K-best codes are taken
+    at it and the step corrected by secant steps (K-best passes, at most ``KBEST_CORRECTIONS``)
+    until their measured bits are within ``tol`` of the target.
     """
     _check_weight(weight, None)
     if (target_bits is None) == (scale is None):
         raise BabaiError("give exactly one of target_bits (e.g. 3.3) or scale")
     if scale is not None:
         return quantize_with_scale(weight, hessian, scale, per_row, order, damp, chunk,
-                                   scale_dtype)[0]
+                                   scale_dtype, search=search, k=k)[0]
     if not 0 < target_bits <= 24:
         raise BabaiError(f"target_bits={target_bits} is out of range: choose 0 < bits ≤ 24")
     numel = weight.numel()
@@ -167,8 +177,40 @@ def quantize(
     x0 = math.log2(rms) + GAUSSIAN_ENTROPY_OFFSET - target_bits  # high-rate Gaussian guess
     res = solve_decreasing(bits_at, target_bits, x0=x0, slope=-1.0, tol=tol, lo=x0 - 16,
                            hi=x0 + 16, what="target_bits")
+    if search != "babai" and hessian is not None:
+        return _searched_at_target(weight, hessian, target_bits, res.x, per_row,
+                                   order, damp, tol, chunk, scale_dtype, search, k)
     return quantize_with_scale(weight, hessian, 2.0**res.x, per_row, order, damp, chunk,
                                scale_dtype)[0]
+
+
+KBEST_CORRECTIONS = 3
+
+
+def _searched_at_target(weight: torch.Tensor, hessian: torch.Tensor, target_bits: float,
+                        x: float, per_row: bool, order: str, damp: float,
+                        tol: float, chunk: int, scale_dtype: torch.dtype, search: str, k: int
+                        ) -> HPTQWeight:
+    """K-best codes at the step Babai's search found, the step moved by secant steps in
+    ``log2 s`` (first slope: Babai's −1 bit per doubling) until K-best's own measured bits
+    are within ``tol`` of the target; the closest one seen is returned."""
+    slope, prev = -1.0, None
+    best: tuple[float, HPTQWeight] | None = None
+    for _ in range(KBEST_CORRECTIONS):
+        out = quantize_with_scale(weight, hessian, 2.0**x, per_row, order, damp, chunk,
+                                  scale_dtype, search=search, k=k)[0]
+        assert out is not None
+        bits = out.bits_per_weight
+        if best is None or abs(bits - target_bits) < abs(best[0] - target_bits):
+            best = (bits, out)
+        if abs(bits - target_bits) <= tol:
+            break
+        if prev is not None and bits != prev[1] and (bits - prev[1]) / (x - prev[0]) < 0:
+            slope = (bits - prev[1]) / (x - prev[0])
+        prev = (x, bits)
+        x += (target_bits - bits) / slope
+    assert best is not None
+    return best[1]
 
 
 def hrtn(weight: torch.Tensor, target_bits: float, **kwargs) -> HPTQWeight:

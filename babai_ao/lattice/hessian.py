@@ -20,7 +20,13 @@ from babai_ao.errors import BabaiError
 
 @dataclass
 class HessianAccumulator:
-    """Streams ``H += XᵀX`` over batches of layer inputs ``x[..., K]``; counts tokens."""
+    """Streams ``H += XᵀX`` over batches of layer inputs ``x[..., K]``; counts tokens.
+
+    Each ``add`` forms the batch's own Gram matrix ``P_b = X_bᵀX_b`` first and then adds it,
+    so ``H = (…((0 + P_1) + P_2) + …)``: a fixed sequence of additions of per-batch partials
+    that a run split over processes reproduces bit for bit
+    (``babai_ao.calibration.distributed``), which an in-place ``addmm_`` would not.
+    """
 
     in_features: int
     dtype: torch.dtype = torch.float32
@@ -36,6 +42,12 @@ class HessianAccumulator:
                                    device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
+        partial, tokens = self.batch_gram(x)
+        self.hessian += partial
+        self.tokens += tokens
+
+    def batch_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(X_bᵀX_b, tokens)`` of one batch of inputs, in the accumulator's dtype."""
         if x.shape[-1] != self.in_features:
             raise BabaiError(f"input has {x.shape[-1]} features, the Hessian expects "
                              f"{self.in_features}: observe the input of the layer being quantized")
@@ -44,10 +56,11 @@ class HessianAccumulator:
             raise BabaiError("calibration activations contain NaN/Inf: check the model and "
                              "data (run the float model on the same batch)")
         if self.tiles > 1:
-            add_gram_tiles_(self.hessian, x, self.tiles)
-        else:
-            self.hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+            partial = torch.zeros(self.in_features, self.in_features, dtype=self.dtype,
+                                  device=x.device)
+            add_gram_tiles_(partial, x, self.tiles)
+            return partial, x.shape[0]
+        return x.T @ x, x.shape[0]
 
 
 def hessian_tiles(in_features: int) -> int:

@@ -17,10 +17,12 @@ from babai_ao.errors import BabaiError
 from .babai import nearest_plane
 from .grid import Grid, dequantize
 from .hessian import damped, validate_hessian
+from .kbest import kbest_nearest_plane, keep_better
 from .ldl import inverse_cholesky, quantization_order
 from .refine import coordinate_descent
 
 SCALE_BITS = 16
+SEARCHES = ("babai", "kbest")
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Certificate:
     pivots: torch.Tensor  # d_j in quantization order
     error: float  # tr((W−Q) H_damped (W−Q)ᵀ)
     error_undamped: float  # tr((W−Q) H (W−Q)ᵀ) ≤ error
-    identity: float  # Σ d_j r_j² of the Babai pass: equals ``error`` unless refined
+    identity: float  # Σ d_j r_j² of the Babai pass: equals ``error`` unless refined/searched
     bound: float  # ¼ Σ d_j s_j²; valid when clipped == 0
     clipped: int  # codes that were clamped to the grid's range
     bits_per_weight: float
@@ -112,6 +114,8 @@ def quantize_weight(
     refine: int = 0,
     exact_offset: bool = False,
     grid: Grid | None = None,
+    search: str = "babai",
+    k: int = 16,
 ) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K] (``XᵀX`` of the layer's inputs).
 
@@ -126,12 +130,20 @@ def quantize_weight(
     ``grid``: an explicit ``Grid`` (or subclass, e.g. a width no packed tensor stores, for
     GGUF's Q5_0) used instead of the one ``bits``/``symmetric``/``clip``/``scale_dtype``/
     ``exact_offset`` describe; those arguments are then ignored.
+    ``search="kbest"`` keeps ``k`` survivors per row (``babai_ao.lattice.kbest``; static grids
+    only) and takes, row by row, the better of its path and Babai's: ``error ≤`` Babai's
+    ``identity``, so ``E ≤ B`` still holds whenever Babai's own pass clipped nothing.
     """
     if grid is None:
         grid = Grid(bits=bits, symmetric=symmetric, clip=clip, scale_dtype=scale_dtype,
                     exact_offset=exact_offset)
     bits, clip, scale_dtype = grid.bits, grid.clip, grid.scale_dtype
     g = _check_weight(weight, group_size)
+    if search not in SEARCHES:
+        raise BabaiError(f"search={search!r} is unknown: choose one of {SEARCHES}")
+    if search == "kbest" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise BabaiError(f"k={k!r} must be an integer >= 1 (survivors per row; e.g. 16)")
+    beam = k
     n, k = weight.shape
     w = weight.detach().to(dtype).clone()
     if hessian is None:
@@ -167,6 +179,9 @@ def quantize_weight(
             scale[:, gi], zero[:, gi] = grid.fit(rest[:g].T)
         return scale[:, gi], zero[:, gi]
 
+    if search == "kbest" and not static:
+        raise BabaiError("search='kbest' needs grids fixed up front: use order='act' or "
+                         "'min-pivot', or static_groups=True")
     if not static and block_size % g:
         block_size = g * max(1, block_size // g)  # a lazy group must lie inside one block
     if hessian is None:  # H = I: U is diagonal, nothing is fed forward; Babai is rounding
@@ -175,6 +190,14 @@ def quantize_weight(
         resid_p = wp - scale[:, cols] * (codes_p - zero[:, cols])
     else:
         codes_p, resid_p = nearest_plane(w[:, perm], upper, grid, grid_at, block_size)
+    d = upper.diagonal().pow(-2)
+    babai_identity = resid_p.pow(2) @ d  # per row
+    babai_resid = resid_p
+    if search == "kbest" and hessian is not None:
+        cols = perm // g
+        found = kbest_nearest_plane(w[:, perm], upper, scale[:, cols], zero[:, cols],
+                                    grid.maxq if clip else None, k=beam)
+        codes_p, resid_p, _ = keep_better(*found, codes_p, resid_p, babai_identity)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
     if refine and hessian is not None:
@@ -182,19 +205,18 @@ def quantize_weight(
         codes, _ = coordinate_descent(w, codes, scale[:, cols], zero[:, cols], h,
                                       grid.maxq if clip else None, refine, block_size)
 
-    d = upper.diagonal().pow(-2)
     q = dequantize(codes, scale, zero, g)
     diff = w - q
     step2 = scale.pow(2)[:, perm // g]  # s² per (row, quantization step)
     half = 0.5 * scale[:, perm // g]
-    clipped = int((resid_p.abs() > half * (1 + 1e-5) + 1e-12).sum()) if clip else 0
+    clipped = int((babai_resid.abs() > half * (1 + 1e-5) + 1e-12).sum()) if clip else 0
     zero_bits = bits  # zeros are stored packed at the code width
     error = float(((diff @ h) * diff).sum())
     cert = Certificate(
         pivots=d,
         error=error,
         error_undamped=error - lam * float(diff.pow(2).sum()),  # H = H0 + λI off dead columns
-        identity=float((resid_p.pow(2) * d).sum()),
+        identity=float(babai_identity.sum()),
         bound=float(0.25 * (step2 * d).sum()),
         clipped=clipped,
         bits_per_weight=bits + (SCALE_BITS + zero_bits) / g,
