@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from kernels_cpu import _generation as generation  # same directory (run as a script)
 
 
 def _linears(module: torch.nn.Module, name: str) -> bool:
@@ -89,22 +90,6 @@ def decode_steps(model: torch.nn.Module, steps: int):
     def run() -> None:
         for _ in range(steps):
             step(ids)
-    return run
-
-
-def generation(model: torch.nn.Module, tokens: int):
-    """Greedy decoding of ``tokens`` tokens from BOS through a compiled static-cache step."""
-    from babai_ao.export.llm import static_cache_module
-
-    step = torch.compile(static_cache_module(model, tokens))
-
-    def run() -> list[int]:
-        out, tok = [], 1
-        for pos in range(tokens):
-            logits = step(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
-            tok = int(logits[0, -1].argmax())
-            out.append(tok)
-        return out
     return run
 
 
