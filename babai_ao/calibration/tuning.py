@@ -89,11 +89,9 @@ def _integer_part(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
         k = int(weight.shape[1])
         return weight.codes().float(), scale.reshape(1, 1), k
     if isinstance(weight, BabaiQuantizedTensor) and not weight.transposed:
-        s0 = weight.scale.detach().float()
-        g = weight.group_size
-        w_hat = weight.dequantize(torch.float32)
-        c = torch.round(w_hat / s0.repeat_interleave(g, dim=1))
-        return c, s0, g
+        g = weight.group_size  # C = q − z (+ SSQR deltas, already in codes())
+        c = weight.codes() - weight.zero_points().repeat_interleave(g, dim=1)
+        return c.float(), weight.scale.detach().float(), g
     raise BabaiError(f"cannot tune a {type(weight).__name__} weight: tuning needs a stored "
                      "BabaiQuantizedTensor or HuffmanQuantizedTensor (not transposed)")
 
