@@ -122,6 +122,9 @@ def main() -> int:
     what.add_argument("--gguf", help="evaluate this GGUF file")
     what.add_argument("--babai", action="store_true", help="Babai Q4_K/Q5_0, sequential")
     p.add_argument("--imatrix", action="store_true", help="llama.cpp with an importance matrix")
+    p.add_argument("--grid-fit", choices=("minmax", "weighted", "best"), default="minmax",
+                   help="--babai: grids from each block's range, diag(H)-weighted, "
+                        "or the better of the two per layer")
     p.add_argument("--llama-python", default=".venv-llama/bin/python")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--calib-n", type=int, default=128,
@@ -166,8 +169,9 @@ def main() -> int:
             model, _ = load_smollm2()
             cal = calibration_windows(tokenizer, n=args.calib_n, seq_len=512)
             t0 = time.perf_counter()
-            blocks, report = quantize_q4_k_model(model, cal)
+            blocks, report = quantize_q4_k_model(model, cal, grid_fit=args.grid_fit)
             record.update(method="babai Q4_K (Q5_0 fallback), sequential, act order",
+                          grid_fit=args.grid_fit,
                           quant_seconds=time.perf_counter() - t0,
                           layers=[{"name": r.name, "type": blocks[f"{r.name}.weight"].ggml_type,
                                    "error": r.error, "bound": r.bound, "clipped": r.clipped,

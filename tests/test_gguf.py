@@ -17,6 +17,7 @@ from babai_ao import babai_config, quantize_model
 from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.checkpoints import gguf as G
 from babai_ao.errors import BabaiError
+from babai_ao.lattice.quantize import quantize_weight
 
 gguf = pytest.importorskip("gguf")
 
@@ -369,14 +370,74 @@ def test_q5_0_babai_beats_rtn_on_the_same_grid():
     assert babai.certificate.error_undamped == pytest.approx(err(q_b), rel=1e-3)
 
 
-def test_q4_k_model_file_decodes_to_the_model(tmp_path):
+def uneven_layer(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight with a few outlier columns and a Hessian whose columns differ in energy by
+    orders of magnitude (where a range-based grid wastes steps on columns that matter little)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    w[:, ::37] *= 6
+    x = torch.randn(2048, k, generator=gen) * torch.exp(torch.randn(k, generator=gen))
+    return w, (x.T @ x).double()
+
+
+@pytest.mark.parametrize("k", [256, 96])  # Q4_K, Q5_0
+def test_weighted_grid_fit_lowers_the_weighted_rounding_error(k):
+    """``gguf_fit``'s grids round with less ``diag H``-weighted error than the min-max grids
+    (the candidates include min-max itself), and their scales are what GGUF stores."""
+    from babai_ao.checkpoints import gguf_fit as F
+    from babai_ao.checkpoints import gguf_model as M
+    from babai_ao.checkpoints.gguf_q4k import fit_q4_k, quantize_q4_k
+
+    w, h = uneven_layer(32, k, seed=11)
+    a = F.importance(h)
+
+    def werr(q: torch.Tensor) -> float:
+        return float(((w.double() - q.double()) ** 2 * a).sum())
+    if k % 256 == 0:
+        minmax = quantize_q4_k(w, None, grid=fit_q4_k(w)).dequantize()
+        weighted = quantize_q4_k(w, None, grid=F.fit_q4_k_weighted(w, a)).dequantize()
+    else:
+        grid = M.BlockGrid(bits=5, symmetric=True, clip=True, scale_dtype=torch.float16)
+        minmax = quantize_weight(w, None, group_size=32, grid=grid).dequantize()
+        d = F.fit_q5_0(w, a)
+        assert torch.equal(d, d.half().float()) and bool((d > 0).all())  # fp16 d, positive
+        weighted = quantize_weight(w, None, group_size=32, grid=grid, scales=d,
+                                   zeros=torch.full_like(d, 16)).dequantize()
+    assert werr(weighted) < 0.9 * werr(minmax)
+    with pytest.raises(BabaiError, match="one weight per input column"):
+        F.fit_q5_0(w, a[1:])
+
+
+@pytest.mark.parametrize("k", [256, 96])
+def test_best_grid_fit_keeps_the_lower_output_error(k):
+    """``grid_fit="best"`` = the minmax or weighted result, whichever leaves the lower
+    ``tr((W−Q) H (W−Q)ᵀ)``; both are Babai on their grid (checked against the float error)."""
+    from babai_ao.checkpoints import gguf_model as M
+
+    w, h = uneven_layer(16, k, seed=12)
+    runs = {fit: M.quantize_block_weight(w, h, grid_fit=fit) for fit in M.GRID_FITS}
+    errs = {}
+    for fit, (blocks, q) in runs.items():
+        d = w.double() - q.double()
+        errs[fit] = float(((d @ h) * d).sum())
+        assert blocks.certificate.error_undamped == pytest.approx(errs[fit], rel=1e-3)
+    assert errs["best"] == min(errs["minmax"], errs["weighted"])
+    assert errs["weighted"] != errs["minmax"]  # the two grids differ here
+    with pytest.raises(BabaiError, match="needs the layer's Hessian"):
+        M.quantize_block_weight(w, None, grid_fit="weighted")
+    with pytest.raises(BabaiError, match="grid_fit='nope' is unknown"):
+        M.quantize_block_weight(w, h, grid_fit="nope")
+
+
+@pytest.mark.parametrize("grid_fit", ["minmax", "best"])
+def test_q4_k_model_file_decodes_to_the_model(tmp_path, grid_fit):
     """Sequential calibration onto Q4_K/Q5_0, written as GGUF: every tensor decodes (gguf-py)
     to exactly the model's float32 weight (q/k rows unpermuted); types as llama.cpp picks."""
     from babai_ao.checkpoints import gguf_model as M
 
     model = mixed_llama()
     calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
-    blocks, report = M.quantize_q4_k_model(model, calib, progress=False)
+    blocks, report = M.quantize_q4_k_model(model, calib, progress=False, grid_fit=grid_fit)
     assert len(blocks) == len(report.rows) == 14
     assert {n: b.ggml_type for n, b in blocks.items() if "down_proj" in n} == {
         f"model.layers.{i}.mlp.down_proj.weight": "Q4_K" for i in range(2)}

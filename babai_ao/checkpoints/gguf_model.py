@@ -23,7 +23,8 @@ bits, so the grid is a ``BlockGrid`` (any width) and the codes go straight to GG
 (Q4_K: ``fit_q4_k``'s super-block scales and mins; Q5_0: min-max per group) and runs Babai's
 nearest plane on exactly that grid, then installs the weight the blocks decode to, as a plain
 float32 tensor (the model computes with exactly what llama.cpp reads) and keeps the encoded
-blocks (``GGUFBlocks``). ``quantize_q4_k_model`` runs the sequential calibration and returns
+blocks (``GGUFBlocks``). ``grid_fit="weighted"`` fixes the grids by llama.cpp's
+importance-matrix criterion instead (``gguf_fit``, from the same Hessian). ``quantize_q4_k_model`` runs the sequential calibration and returns
 them by parameter name, for ``save_gguf(model, path, mode="q4_k", blocks=...)``, which checks
 that gguf-py decodes every one to the model's weight before it writes the file.
 """
@@ -42,11 +43,13 @@ from babai_ao.errors import BabaiError
 from babai_ao.lattice.grid import Grid
 from babai_ao.lattice.quantize import Certificate, quantize_weight
 
+from .gguf_fit import fit_q4_k_weighted, fit_q5_0, importance
 from .gguf_q4k import BLOCK_BYTES, SUPER, encode_q4_k, quantize_q4_k
 
 Q5_BLOCK = 32
 Q5_BYTES = 2 + 4 + Q5_BLOCK // 2  # d, 32 high bits, 16 bytes of low nibbles
 Q5_ZERO = 16
+GRID_FITS = ("minmax", "weighted", "best")
 BITS = {"Q4_K": 8 * BLOCK_BYTES / SUPER, "Q5_0": 8 * Q5_BYTES / Q5_BLOCK}
 
 
@@ -103,18 +106,40 @@ def encode_q5_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
 
 
 def quantize_block_weight(weight: torch.Tensor, hessian: torch.Tensor | None, *,
-                          order: str = "act", damp: float = 0.01, block_size: int = 128
-                          ) -> tuple[GGUFBlocks, torch.Tensor]:
+                          order: str = "act", damp: float = 0.01, block_size: int = 128,
+                          grid_fit: str = "minmax") -> tuple[GGUFBlocks, torch.Tensor]:
     """Babai on the GGUF grid of ``weight`` [N, K] (``block_type(K)``): its blocks, and the
-    float32 weight they decode to (``hessian=None``: round-to-nearest on that grid)."""
+    float32 weight they decode to (``hessian=None``: round-to-nearest on that grid).
+
+    ``grid_fit``: ``"minmax"`` takes each group's grid from its range; ``"weighted"`` from
+    the ``diag H``-weighted rounding error (``gguf_fit``, llama.cpp's importance-matrix
+    criterion; needs the Hessian); ``"best"`` runs Babai on both and keeps the one whose
+    output error ``tr((W−Q) H (W−Q)ᵀ)`` (the certificate's ``error``) is lower."""
+    if grid_fit not in GRID_FITS:
+        raise BabaiError(f"grid_fit={grid_fit!r} is unknown: choose one of {GRID_FITS}")
+    if grid_fit != "minmax" and hessian is None:
+        raise BabaiError(f"grid_fit={grid_fit!r} needs the layer's Hessian (calibration "
+                         "data): calibrate, or use grid_fit='minmax'")
+    if grid_fit == "best":
+        tried = [quantize_block_weight(weight, hessian, order=order, damp=damp,
+                                       block_size=block_size, grid_fit=fit)
+                 for fit in ("minmax", "weighted")]
+        return min(tried, key=lambda t: t[0].certificate.error)
+    a = importance(hessian, damp) if grid_fit == "weighted" else None
     kind = block_type(weight.shape[1])
     if kind == "Q4_K":
-        q4 = quantize_q4_k(weight, hessian, order=order, damp=damp, block_size=block_size)
+        fitted = fit_q4_k_weighted(weight, a) if a is not None else None
+        q4 = quantize_q4_k(weight, hessian, grid=fitted, order=order, damp=damp,
+                           block_size=block_size)
         data, decoded, cert = encode_q4_k(q4), q4.dequantize(), q4.certificate
     else:
         grid = BlockGrid(bits=5, symmetric=True, clip=True, scale_dtype=torch.float16)
+        fixed = {}
+        if a is not None:
+            scales = fit_q5_0(weight, a)
+            fixed = {"scales": scales, "zeros": torch.full_like(scales, Q5_ZERO)}
         qw = quantize_weight(weight.detach(), hessian, group_size=Q5_BLOCK, order=order,
-                             damp=damp, block_size=block_size, grid=grid)
+                             damp=damp, block_size=block_size, grid=grid, **fixed)
         if bool((qw.zeros != Q5_ZERO).any()):
             raise BabaiError("Q5_0 needs the zero code 16 in every group")  # symmetric grid
         data, decoded, cert = encode_q5_0(qw.codes, qw.scales), qw.dequantize(), qw.certificate
@@ -130,6 +155,7 @@ class GGUFQ4KConfig:
     order: str = "act"
     damp: float = 0.01
     block_size: int = 128
+    grid_fit: str = "minmax"
     blocks: dict[nn.Module, GGUFBlocks] = field(default_factory=dict)
     # what quantize_model reads (``_config_kwargs``); the grids themselves are fixed here
     bits: int = 4
@@ -148,7 +174,8 @@ class GGUFQ4KConfig:
             raise BabaiError(f"GGUF Q4_K calibration needs a float32 model (got "
                              f"{weight.dtype}): load it with dtype=torch.float32")
         blocks, decoded = quantize_block_weight(weight, hessian, order=self.order,
-                                                damp=self.damp, block_size=self.block_size)
+                                                damp=self.damp, block_size=self.block_size,
+                                                grid_fit=self.grid_fit)
         self._pending[decoded.data_ptr()] = blocks
         decoded.certificate = blocks.certificate  # read by quantize_model's report
         return decoded
@@ -164,14 +191,17 @@ class GGUFQ4KConfig:
 
 def quantize_q4_k_model(model: nn.Module, calibration: Any, *, order: str = "act",
                         damp: float = 0.01, mode: str = "sequential", batch_size: int = 8,
-                        progress: bool = True) -> tuple[dict[str, GGUFBlocks], Any]:
+                        progress: bool = True, grid_fit: str = "minmax"
+                        ) -> tuple[dict[str, GGUFBlocks], Any]:
     """Calibrate ``model`` (float32) block by block onto Q4_K/Q5_0 grids, in place.
 
     Returns ``(blocks by parameter name, QuantizationReport)``; the model then computes with
     the decoded weights. ``calibration`` and ``mode`` as for ``quantize_model``."""
     from babai_ao.calibration.sequential import quantize_model
 
-    config = GGUFQ4KConfig(order=order, damp=damp)
+    if grid_fit not in GRID_FITS:
+        raise BabaiError(f"grid_fit={grid_fit!r} is unknown: choose one of {GRID_FITS}")
+    config = GGUFQ4KConfig(order=order, damp=damp, grid_fit=grid_fit)
     report = quantize_model(model, config, calibration, mode=mode, batch_size=batch_size,
                             progress=progress)
     names = {m: n for n, m in model.named_modules()}
