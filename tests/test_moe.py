@@ -110,6 +110,25 @@ def test_expert_hessian_is_xtx_of_exactly_its_routed_tokens() -> None:
             [x, others]))  # tokens routed elsewhere are left out
 
 
+def test_padded_tokens_stay_out_of_the_expert_hessians() -> None:
+    """With a padded calibration batch, every expert Hessian counts only the tokens the
+    attention mask keeps: over the experts, top_k × the unpadded tokens (the router still
+    routes the padded positions, so counting them would give top_k × all positions)."""
+    model = tiny("qwen3_moe")
+    mask = torch.ones_like(IDS)
+    mask[1, 20:] = 0
+    mask[3, 9:] = 0
+    report = babai_ao.quantize_model(model, CONFIG, {"input_ids": IDS, "attention_mask": mask},
+                                     progress=False)
+    for layer in range(2):
+        for part in ("gate_up", "down"):
+            tokens = sum(r.tokens for r in report.rows
+                         if r.name.startswith(f"model.layers.{layer}.mlp.experts.{part}_proj["))
+            assert tokens == 2 * int(mask.sum())
+    dense = [r for r in report.rows if r.name.endswith("self_attn.q_proj")]
+    assert {r.tokens for r in dense} == {int(mask.sum())}  # the same rule as dense linears
+
+
 def test_an_expert_no_token_reached_is_named_and_rounded() -> None:
     model = tiny("qwen3_moe")
 

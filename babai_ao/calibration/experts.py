@@ -3,7 +3,8 @@
 A fused experts module (transformers 5: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
 called as ``experts(hidden_states, top_k_index, top_k_weights)``) holds 2·E linear maps. Expert
 ``e``'s ``gate_up`` map only ever sees the tokens the router sends it, so its lattice is
-``H_gu[e] = Σ_{t → e} x_t x_tᵀ`` over exactly those tokens; its ``down`` map sees their
+``H_gu[e] = Σ_{t → e} x_t x_tᵀ`` over exactly those tokens (padded positions of the
+calibration's attention mask left out, as for every other linear); its ``down`` map sees their
 intermediate activations ``h_t = act(g_t) ⊙ u_t`` with ``[g_t; u_t] = W̃_gu[e] x_t`` computed
 from the already-quantized ``W̃_gu[e]`` (the sequential order: ``gate_up`` of every expert first,
 then ``down``), so ``H_down[e] = Σ_{t → e} h_t h_tᵀ``. Routing weights scale an expert's output
@@ -51,22 +52,31 @@ def _intermediate(module: nn.Module, x: torch.Tensor, expert: int) -> torch.Tens
 
 
 def collect(block: nn.Module, module: nn.Module, part: str,
-            inputs: Sequence[tuple[torch.Tensor, tuple, dict]], replay: Any = None
-            ) -> list[HessianAccumulator]:
+            inputs: Sequence[tuple[torch.Tensor, tuple, dict]], replay: Any = None,
+            masks: Sequence[torch.Tensor | None] | None = None) -> list[HessianAccumulator]:
     """Run the block on every batch up to ``module`` and accumulate each expert's ``H`` of
-    ``part`` (``gate_up``: routed hidden states; ``down``: their intermediate activations)."""
+    ``part`` (``gate_up``: routed hidden states; ``down``: their intermediate activations)
+    over the batch's non-padded tokens (``masks[i]``: batch ``i``'s attention mask)."""
     num = module.gate_up_proj.shape[0]
     width = module.gate_up_proj.shape[2] if part == "gate_up" else module.down_proj.shape[2]
     device = module.gate_up_proj.device
     accs = [hessian(width, device) for _ in range(num)]
+    current: list[torch.Tensor | None] = [None]  # the running batch's flattened mask
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
         values = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names
                                                          if k in kwargs}
         x = values["hidden_states"].detach().reshape(-1, module.gate_up_proj.shape[2])
+        keep = current[0]
+        if keep is not None and keep.numel() != x.shape[0]:
+            raise BabaiError(f"the experts' input has {x.shape[0]} tokens but the attention "
+                             f"mask {keep.numel()}, so padded tokens cannot be left out of "
+                             "the expert Hessians: calibrate without padding")
         for e in range(num):
             rows = routed_tokens(values["top_k_index"], e)
+            if keep is not None:
+                rows = rows[keep.to(rows.device)[rows]]
             if rows.numel():
                 xe = x.index_select(0, rows)
                 accs[e].add(xe if part == "gate_up" else _intermediate(module, xe, e))
@@ -78,6 +88,8 @@ def collect(block: nn.Module, module: nn.Module, part: str,
             for i, inp in enumerate(inputs):
                 if replay is not None:
                     replay.batch = i
+                mask = masks[i] if masks is not None else None
+                current[0] = None if mask is None else mask.reshape(-1).bool()
                 run_block(block, inp)
     finally:
         handle.remove()
@@ -86,10 +98,11 @@ def collect(block: nn.Module, module: nn.Module, part: str,
 
 def quantize_experts(block: nn.Module, prefix: str,
                      inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
-                     qkwargs: dict[str, Any], replay: Any = None, strict: bool = False
-                     ) -> list[LayerReport]:
+                     qkwargs: dict[str, Any], replay: Any = None, strict: bool = False,
+                     masks: Sequence[torch.Tensor | None] | None = None) -> list[LayerReport]:
     """Calibrate and quantize every fused experts module of ``block`` (module docstring);
-    each is replaced by a ``BabaiExperts``. Returns one report row per expert weight."""
+    each is replaced by a ``BabaiExperts``. Returns one report row per expert weight.
+    ``masks``: the batches' attention masks (padded tokens stay out of every Hessian)."""
     rows: list[LayerReport] = []
     for name, module in fused_experts(block).items():
         if qkwargs.get("clip") is not True:
@@ -98,7 +111,7 @@ def quantize_experts(block: nn.Module, prefix: str,
         act = getattr(getattr(module, "config", None), "hidden_act", None) or "silu"
         weights: dict[str, list[QuantizedWeight]] = {}
         for part in ("gate_up", "down"):
-            accs = collect(block, module, part, inputs, replay)
+            accs = collect(block, module, part, inputs, replay, masks)
             param = getattr(module, f"{part}_proj")
             unrouted = [e for e, a in enumerate(accs) if a.tokens == 0]
             if unrouted:

@@ -259,7 +259,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
         for stage in stages:
             rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
                                     hessians)
-        rows += quantize_experts(block, prefix, inputs, qkwargs)
+        rows += quantize_experts(block, prefix, inputs, qkwargs, masks=masks)
         if tune is None:
             return rows, outputs
     elif distributed.world_size() == 1 and lockstep.usable(block, inputs, repeated):
@@ -294,7 +294,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
                     if name not in repeated:
                         replay.watch(modules[name], name)
                 replay.watch_modules(block)
-            rows += quantize_experts(block, prefix, inputs, qkwargs, replay)
+            rows += quantize_experts(block, prefix, inputs, qkwargs, replay, masks=masks)
             if tune is None:
                 outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
                                                    keep_outputs=True, replay=replay)[1]
