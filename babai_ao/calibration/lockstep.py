@@ -11,6 +11,11 @@ quantized weights (a linear reads ``self.weight`` after its pre-hooks), exactly 
 from the block input would. The last stage's forwards run on to the block output: the next
 block's input, with no extra forward.
 
+Once a stage is installed, the paused forwards compute its linears as ``F.linear`` with a
+dense copy of the dequantized weight (``_dense_forward``), made once per block instead of
+dequantizing (and, for act-order codes, permuting the input) in every call; the values are
+the installed weight's, and ``F.linear(x, W̃)`` is what its exact kernel computes.
+
 Each batch computes the same operations on the same values as the rerun path, and the
 controller resumes the forwards one at a time in batch order, so every ``H_s`` sums the same
 products in the same order: the Hessians, codes and block outputs are bit-identical to the
@@ -93,6 +98,12 @@ class _Forward(threading.Thread):
             raise StopForward
 
 
+def _float_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype ``linear`` computes in: its dequantized weight's."""
+    w = linear.weight.detach()
+    return getattr(w, "dtype", torch.float32)
+
+
 def _dense_forward(linear: nn.Module, dtype: torch.dtype) -> None:
     """From now on ``linear`` computes ``x W̃ᵀ + b`` with its dequantized weight ``W̃`` held
     densely in ``dtype`` (until ``del linear.forward``)."""
@@ -154,11 +165,10 @@ def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tens
                                      "runs its linears in a data-dependent order; set "
                                      "babai_ao.calibration.lockstep.LOCKSTEP = False")
             quantize(stage, accs[s])
-            if forward_dtype is not None:
-                for name in stage:
-                    if isinstance(modules[name], nn.Linear):
-                        _dense_forward(modules[name], forward_dtype)
-                        dense.append(modules[name])
+            for name in stage:  # the rest of the block's forwards: dense dequantized copies
+                if isinstance(modules[name], nn.Linear):
+                    _dense_forward(modules[name], forward_dtype or _float_dtype(modules[name]))
+                    dense.append(modules[name])
         if not keep_outputs:
             return []
         for i, fwd in enumerate(forwards):
