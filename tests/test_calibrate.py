@@ -166,14 +166,18 @@ def test_no_clipping_bound_holds_everywhere(smollm2_small, calibration_small):
     assert report.bound_checks() == (14, 14)
 
 
-def test_interrupt_leaves_no_hooks(smollm2_small, calibration_small):
+def test_interrupt_leaves_no_hooks(smollm2_small, calibration_small, monkeypatch):
+    from babai_ao.calibration import sequential as seq
+
     model = copy.deepcopy(smollm2_small[0])
-    _, blocks = decoder_blocks(model)
+    stage = seq._quantize_stage
 
-    def boom(*_):
-        raise KeyboardInterrupt
+    def boom(block, prefix, *args, **kwargs):  # Ctrl-C while block 1 is being quantized
+        if prefix.endswith(".1"):
+            raise KeyboardInterrupt
+        return stage(block, prefix, *args, **kwargs)
 
-    blocks[1].mlp.down_proj.register_forward_hook(boom)
+    monkeypatch.setattr(seq, "_quantize_stage", boom)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
     for m in model.modules():
@@ -284,6 +288,35 @@ def test_lockstep_gives_the_same_model(smollm2_small, calibration_small, sequent
         ids = calibration_small[:BATCH]
         assert torch.equal(fast.model(input_ids=ids).last_hidden_state,
                            model.model(input_ids=ids).last_hidden_state)
+
+
+def test_stages_are_probed_once_per_kind_of_block(smollm2_small, calibration_small, sequential,
+                                                 monkeypatch):
+    """Blocks built alike reuse the first one's probe forward; a block of another kind is
+    probed itself; the model is the same as with a probe in every block."""
+    from babai_ao.calibration import sequential as seq
+
+    calls = []
+    probe = seq.linear_stages
+
+    def counted(block, inp):
+        calls.append(type(block).__name__)
+        return probe(block, inp)
+    monkeypatch.setattr(seq, "linear_stages", counted)
+    model = copy.deepcopy(smollm2_small[0])
+    layers = decoder_blocks(model)[1]
+    assert len(layers) == 2
+    quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    assert calls == [type(layers[0]).__name__]  # block 1 reuses block 0's stages
+    fast, _ = sequential
+    for name, lin in linears(fast).items():
+        assert torch.equal(lin.weight.qdata, linears(model)[name].weight.qdata), name
+    calls.clear()
+    model = copy.deepcopy(smollm2_small[0])
+    down = decoder_blocks(model)[1][1].mlp.down_proj
+    down.__class__ = type("OtherLinear", (type(down),), {})  # same maths, another layer kind
+    quantize_model(model, cfg(), calibration_small, batch_size=BATCH, progress=False)
+    assert len(calls) == 2  # block 1 is probed itself
 
 
 def test_lockstep_stops_its_forwards_on_error(monkeypatch):

@@ -6,7 +6,9 @@ Llama, ``transformer.h`` for GPT-2, ``bert.encoder.layer`` for BERT); ``calibrat
 what the model passes to its first block (hidden states, position embeddings, masks) by
 stopping the forward there; ``run_block`` runs a block on one captured input;
 ``linear_stages`` groups a block's linears (``nn.Linear`` and ``Conv1D``) by the very tensor
-they read (q/k/v; gate/up), in call order, from one probe forward.
+they read (q/k/v; gate/up), in call order, from one probe forward; ``block_signature``
+says when a block is built like the one before it (same class, same linears and shapes), so
+the stages found for that one can be reused instead of probing again.
 Forwards end early by raising ``StopForward`` from a hook.
 """
 
@@ -25,7 +27,7 @@ from .discovery import BLOCK_PATHS, find_blocks
 from .layers import is_quantizable
 
 __all__ = ["BLOCK_PATHS", "StopForward", "calibration_batches", "decoder_blocks",
-           "first_block_inputs", "linear_stages", "run_block"]
+           "block_signature", "first_block_inputs", "linear_stages", "run_block"]
 
 class StopForward(Exception):
     """Raised inside a hook to end a forward early."""
@@ -68,6 +70,13 @@ def run_block(block: nn.Module, inp: tuple[torch.Tensor, tuple, dict]) -> torch.
     except StopForward:
         return None
     return out[0] if isinstance(out, tuple) else out
+
+
+def block_signature(block: nn.Module) -> tuple:
+    """What ``linear_stages`` depends on besides the data: the block's class and its
+    quantizable linears (name, class, weight shape) in registration order."""
+    return (type(block), tuple((n, type(m), tuple(m.weight.shape))
+                               for n, m in block.named_modules() if is_quantizable(m)))
 
 
 def linear_stages(block: nn.Module, inp: tuple[torch.Tensor, tuple, dict]

@@ -54,7 +54,14 @@ from babai_ao.lattice.quantize import quantize_weight
 
 from . import distributed, lockstep
 from .batches import Batch, calibration_batches, model_forward, token_rows
-from .blocks import StopForward, decoder_blocks, first_block_inputs, linear_stages, run_block
+from .blocks import (
+    StopForward,
+    block_signature,
+    decoder_blocks,
+    first_block_inputs,
+    linear_stages,
+    run_block,
+)
 from .coverage import float_parameters
 from .distributed import hessian, reduce_hessians, solve_cost, solve_spread
 from .experts import quantize_experts
@@ -226,12 +233,12 @@ def _quantize_stage(block: nn.Module, prefix: str, stage: Sequence[str],
     return rows
 
 
-def _selected_stages(block: nn.Module, prefix: str, inp: tuple[torch.Tensor, tuple, dict],
+def _selected_stages(block: nn.Module, prefix: str, probed: tuple[list[list[str]], set[str]],
                      filter_fn: Callable[[nn.Module, str], bool] | None
                      ) -> tuple[list[list[str]], set[str]]:
-    """The block's stages (``linear_stages``) with only the layers ``filter_fn`` selects
-    (``filter_fn(module, qualified name)``; ``None``: all); empty stages dropped."""
-    stages, repeated = linear_stages(block, inp)
+    """The block's stages (``probed``: ``linear_stages``) with only the layers ``filter_fn``
+    selects (``filter_fn(module, qualified name)``; ``None``: all); empty stages dropped."""
+    stages, repeated = probed
     if filter_fn is not None:
         modules = dict(block.named_modules())
         stages = [[n for n in stage if filter_fn(modules[n], f"{prefix}.{n}")]
@@ -395,11 +402,15 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             bar = tqdm(steps, desc=f"quantize ({mode})", unit="block", initial=start,
                        total=len(stack))
             steps = bar
+        probe: tuple[tuple, tuple[list[list[str]], set[str]]] | None = None
         for b in steps:
             prefix = f"{path}.{b}"
             if stream is not None:
                 stream.load_block(b)
-            stages, repeated = _selected_stages(stack[b], prefix, inputs[0], filter_fn)
+            signature = block_signature(stack[b])
+            if probe is None or probe[0] != signature:  # a block unlike the one before
+                probe = (signature, linear_stages(stack[b], inputs[0]))
+            stages, repeated = _selected_stages(stack[b], prefix, probe[1], filter_fn)
             reference = copy.deepcopy(stack[b]) if tune is not None and tune.steps else None
             rows, outputs = _calibrate_block(stack[b], prefix, inputs, masks, mode, stages,
                                              repeated, qkwargs, config,
