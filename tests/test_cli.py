@@ -268,6 +268,30 @@ def test_demo_small(capsys, tmp_path):
 
 
 @pytest.mark.model
+def test_quantize_with_hessian_tiles(capsys, tmp_path, monkeypatch):
+    """``--hessian-tiles`` reaches the calibration (its Hessians are formed tile-wise) and is
+    recorded in the run."""
+    from babai_ao.lattice import hessian
+
+    calls = []
+    tiled = hessian.add_gram_tiles_
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return tiled(*args, **kwargs)
+    monkeypatch.setattr(hessian, "add_gram_tiles_", counted)
+    code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1",
+                           "--hessian-tiles", *SMALL_CALIB, "--out", str(tmp_path / "t"),
+                           "--no-progress")
+    assert code == 0, err
+    assert calls  # the tiled Gram product ran
+    code, _, err = run_cli(capsys, "quantize", "smollm2", "--mode", "rtn", "--hessian-tiles",
+                           "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "--hessian-tiles applies to --mode sequential only")
+    assert json.loads((tmp_path / "t" / RUN_FILE).read_text())["hessian_tiles"] is True
+
+
+@pytest.mark.model
 def test_quantize_hptq_sequential_from_the_command_line(capsys, tmp_path):
     """The README's best format with sequential calibration, from the CLI (was refused)."""
     out = tmp_path / "hptq"

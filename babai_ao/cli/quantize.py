@@ -78,9 +78,13 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         from babai_ao.calibration.tuning import TuneSettings
 
         steps = getattr(args, "tune", 0)
+        tiles = bool(getattr(args, "hessian_tiles", False))
         record["tune_steps"] = steps
+        record["hessian_tiles"] = tiles
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
-                                batch_size=CALIB_BATCH, stream=stream, tune=TuneSettings(steps=steps) if steps else None)
+                                batch_size=CALIB_BATCH, stream=stream,
+                                tune=TuneSettings(steps=steps) if steps else None,
+                                hessian_tiles=tiles)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
     record.update(runs.coverage_fields(model, record["layers"]))
