@@ -1,14 +1,17 @@
 """Numerics of the CPU kernels on a calibrated model: the default (int4pack, bf16
 activations) vs the exact path (fp32 dequantize + fp32 matmul), P1 perplexity and logits.
 
-SmolLM2-135M, every decoder linear quantized by ``quantize_model`` (P1 calibration:
-128 × 512 tokens, w4g64, order act, sequential), fp32 model. The same quantized model is
+SmolLM2-135M fp32, every decoder linear quantized w4g64: ``--method rtn`` (default; the P1
+RTN row, ``benchmarks/p1.py --method rtn``: its exact-path PPL must equal that row's) or
+``--method babai`` (``quantize_model``, P1 calibration 128 × 512 tokens, order act,
+sequential; ≈ 15 min quiet, far longer on a loaded box; ``--save`` keeps the result). The same quantized model is
 evaluated twice — under ``babai_ao.cpu_kernel("exact")`` and under the default — on the P1
 windows (40 × 2048 tokens of wiki.test.raw), and the logits of the first ``--logit-windows``
 windows are compared (max |Δ logit|, argmax agreement).
 
-    python benchmarks/cpu_numerics.py --save /tmp/w4g64.pt        # quantize (≈15 min), save
-    python benchmarks/cpu_numerics.py --load /tmp/w4g64.pt --out benchmarks/results/cpu_numerics.json
+    python benchmarks/cpu_numerics.py --out benchmarks/results/cpu_numerics_rtn_w4g64.json
+    python benchmarks/cpu_numerics.py --method babai --save /tmp/w4g64.pt   # quantize, save
+    python benchmarks/cpu_numerics.py --load /tmp/w4g64.pt --out benchmarks/results/cpu_numerics_babai_w4g64.json
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ from pathlib import Path
 
 import torch
 
-from babai_ao import babai_config, cpu_kernel, quantize_model
+from babai_ao import babai_config, cpu_kernel, quantize_model, quantize_weight
 from babai_ao.calibration.data import calibration_windows, test_tokens
 from babai_ao.calibration.evaluate import window_losses
 from babai_ao.calibration.models import load_smollm2
+from babai_ao.calibration.sequential import install
+from babai_ao.cli.runs import decoder_linears
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--save", help="quantize and torch.save the state dict here")
+    p.add_argument("--method", choices=("rtn", "babai"), default="rtn")
+    p.add_argument("--save", help="quantize (babai) and torch.save the state dict here")
     p.add_argument("--load", help="load a state dict saved by --save")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--logit-windows", type=int, default=2)
@@ -40,19 +46,26 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
     config = babai_config(bits=4, group_size=64, order="act")
-    if args.save:
+    if args.method == "rtn" and not args.load:
+        for _, lin in decoder_linears(model):  # as benchmarks/p1.py --method rtn
+            install(lin, quantize_weight(lin.weight.detach(), None, bits=4, group_size=64))
+    elif args.save:
         cal = calibration_windows(tokenizer, n=128, seq_len=512)
         quantize_model(model, config, cal, mode="sequential", batch_size=8)
-        torch.save(model.state_dict(), args.save)
+        tmp = Path(args.save + ".part")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(args.save)
         print(f"saved -> {args.save}")
         return
-    quantize_model(model, config, calibration_windows(tokenizer, n=1, seq_len=16),
-                   mode="sequential", batch_size=1)  # the same modules; values loaded next
-    model.load_state_dict(torch.load(args.load, weights_only=False), assign=True)
+    else:
+        quantize_model(model, config, calibration_windows(tokenizer, n=1, seq_len=16),
+                       mode="sequential", batch_size=1)  # the same modules; values next
+        model.load_state_dict(torch.load(args.load, weights_only=False), assign=True)
     ids = test_tokens(tokenizer).reshape(-1)
     record: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "load_average_start": os.getloadavg(), "torch": torch.__version__,
-        "model": "SmolLM2-135M fp32, quantize_model w4g64 act sequential (P1 calibration)"}
+        "method": args.method if not args.load else f"babai (loaded {args.load})",
+        "model": "SmolLM2-135M fp32, decoder linears w4g64 asymmetric"}
     diffs, agree, total = [], 0, 0
     with torch.no_grad():
         for w in range(args.logit_windows):

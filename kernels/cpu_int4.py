@@ -64,7 +64,9 @@ stats = {"built": 0, "hits": 0}
 
 def set_cpu_kernel(mode: str) -> str:
     """Set the CPU kernel mode (``"auto"`` or ``"exact"``, module docstring); returns the
-    previous one. Compiled models recompile on the next call after a change."""
+    previous one. A change drops every compiled graph of the process
+    (``torch.compiler.reset()``: the kernel is chosen while tracing, below the guards
+    ``torch.compile`` checks), so compiled models recompile on their next call."""
     global MODE
     if mode not in MODES:
         from babai_ao.errors import BabaiError
@@ -72,6 +74,8 @@ def set_cpu_kernel(mode: str) -> str:
         raise BabaiError(f"cpu_kernel mode {mode!r} is unknown: use one of {MODES}")
     with _lock:
         previous, MODE = MODE, mode
+    if previous != mode:
+        torch.compiler.reset()
     return previous
 
 

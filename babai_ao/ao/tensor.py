@@ -47,9 +47,8 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from babai_ao._moved import old_names
 from babai_ao.errors import BabaiError
 from babai_ao.formats.packing import pack, packed_size, unpack
-from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
-
 from babai_ao.kernels import cpu_int4
+from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
 from . import integrity, ops
 
@@ -323,9 +322,10 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         return [n for n in integrity.data_names(type(self)) if getattr(self, n) is not None]
 
     def _stable_hash_for_caching(self) -> str:
-        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes) and the CPU kernel
+        mode, not the values."""
         parts = [type(self).__qualname__, self.bits, self.group_size, tuple(self.shape),
-                 str(self.dtype), self.transposed]
+                 str(self.dtype), self.transposed, cpu_int4.MODE]  # the mode picks the kernel
         for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
             parts.append((name, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device)))
