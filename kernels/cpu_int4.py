@@ -143,12 +143,16 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
-           bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
+           bias: torch.Tensor | None, group_size: int, in_features: int,
+           mm=None) -> torch.Tensor:
     """``x @ Wᵀ + bias`` in ``x.dtype`` with ``x`` rounded to bf16 for the kernel (aten ops
-    only, so a compiled graph calls the kernel itself); the bias is added in fp32."""
+    only, so a compiled graph calls the kernel itself); the bias is added in fp32. ``mm``
+    replaces the bare kernel call ``(x2, weight, scale_zero) → bf16`` (an autograd
+    function when ``x`` needs a gradient)."""
     n = weight.shape[0]
     x2 = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
-    y = matmul(x2, weight, scale_zero, group_size)
+    y = (mm(x2, weight, scale_zero) if mm is not None
+         else matmul(x2, weight, scale_zero, group_size))
     if bias is not None:
         y = y.to(torch.float32) + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -80,18 +80,23 @@ def test_clip_false_codes_are_rejected() -> None:
 
 
 def test_every_matmul_route_equals_dequantized_math() -> None:
+    """Under ``cpu_kernel("exact")`` (the default CPU path rounds x to bf16 for this 4-bit
+    layer: tests/test_cpu_default_path.py)."""
+    from babai_ao import cpu_kernel
+
     _, qw = _qw()
     t = BabaiQuantizedTensor.from_quantized(qw, torch.float32)
     w = grid_dequantize(qw.codes, qw.scales.float(), qw.zeros, 32).double()
     x, b = torch.randn(2, 5, 128), torch.randn(48)
     ref = (x.double() @ w.T + b.double()).float()
-    outs = {
-        "F.linear": torch.nn.functional.linear(x, t, b),
-        "aten.linear": torch.ops.aten.linear.default(x, t, b),
-        "mm": torch.mm(x[0], t.t()) + b,
-        "addmm": torch.addmm(b, x[0], t.t()),
-        "matmul": x @ t.t() + b,
-    }
+    with cpu_kernel("exact"):
+        outs = {
+            "F.linear": torch.nn.functional.linear(x, t, b),
+            "aten.linear": torch.ops.aten.linear.default(x, t, b),
+            "mm": torch.mm(x[0], t.t()) + b,
+            "addmm": torch.addmm(b, x[0], t.t()),
+            "matmul": x @ t.t() + b,
+        }
     for name, out in outs.items():
         torch.testing.assert_close(out, ref[0] if out.dim() == 2 else ref, msg=name)
 

@@ -366,25 +366,48 @@ def babai_linear(x: torch.Tensor, weight: BabaiQuantizedTensor, bias: torch.Tens
                          "the weight itself, [out_features, in_features]")
     if isinstance(bias, BabaiQuantizedTensor):
         raise BabaiError("the bias of a quantized linear must be a plain tensor")
-    if cpu_int4pack_applies(x, bias):
+    if cpu_int4pack_applies(x):
         # eager: build the layout on the first call; compiled: it came with the weight
         layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
         if layout is not None:
-            return cpu_int4.linear(x, *layout, bias, weight.group_size, weight.in_features)
+            mm = None
+            if torch.is_grad_enabled() and x.requires_grad:
+                def mm(x2, w4, sz):
+                    return _Int4PackMatmul.apply(x2, w4, sz, weight.qdata, weight.scale,
+                                                 weight.zero_point, weight.group_size,
+                                                 weight.in_features)
+            return cpu_int4.linear(x, *layout, bias, weight.group_size, weight.in_features, mm)
     return torch.ops.babai.linear(
         x, weight.qdata, weight.scale, weight.zero_point, bias, weight.bits,
         weight.group_size, weight.in_features, weight.outlier_ptr, weight.outlier_idx,
         weight.outlier_val)
 
 
-def cpu_int4pack_applies(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def cpu_int4pack_applies(x: torch.Tensor) -> bool:
     """Mode ``"auto"``, CPU, fp32/bf16 activations, not exporting (export keeps
-    ``babai::linear``) and no gradient wanted (the aten kernel has no backward)."""
-    wants_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (bias is not None and bias.requires_grad))
+    ``babai::linear``)."""
     return (cpu_int4.MODE == "auto" and x.device.type == "cpu"
-            and x.dtype in cpu_int4.ACTIVATION_DTYPES and not wants_grad
-            and not torch.compiler.is_exporting())
+            and x.dtype in cpu_int4.ACTIVATION_DTYPES and not torch.compiler.is_exporting())
+
+
+class _Int4PackMatmul(torch.autograd.Function):
+    """The int4pack kernel ``x2 [M, K] bf16 → x2 @ Wᵀ`` (bf16) with ``∂/∂x2 = grad · W``,
+    ``W`` dequantized exactly from the stored codes (the aten kernel has no backward)."""
+
+    @staticmethod
+    def forward(ctx, x2, w4, scale_zero, qdata, scale, zero_point, group_size, in_features):
+        ctx.save_for_backward(qdata, scale, zero_point)
+        ctx.meta = (group_size, in_features)
+        return cpu_int4.matmul(x2, w4, scale_zero, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qdata, scale, zero_point = ctx.saved_tensors
+        group_size, in_features = ctx.meta
+        w = torch.ops.babai.dequantize(qdata, scale, zero_point, 4, group_size, in_features,
+                                       None, None, None, torch.float32)
+        grad_x = (grad.to(torch.float32) @ w).to(grad.dtype)
+        return grad_x, None, None, None, None, None, None, None
 
 
 implements = BabaiQuantizedTensor.implements
