@@ -183,11 +183,15 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager() -> None:
 
 
 def test_input_gradient_flows_through_the_quantized_weight() -> None:
+    """Exact CPU path (the default path's gradient: tests/test_cpu_default_path.py)."""
+    from babai_ao import cpu_kernel
+
     _, qw = _qw()
     t = BabaiQuantizedTensor.from_quantized(qw, torch.float32)
     x = torch.randn(4, 128, dtype=torch.float64).float().requires_grad_()
     b = torch.zeros(48, requires_grad=True)
-    torch.nn.functional.linear(x, t, b).pow(2).sum().backward()
+    with cpu_kernel("exact"):
+        torch.nn.functional.linear(x, t, b).pow(2).sum().backward()
     x2 = x.detach().clone().requires_grad_()
     b2 = torch.zeros(48, requires_grad=True)
     torch.nn.functional.linear(x2, t.dequantize(), b2).pow(2).sum().backward()
