@@ -12,7 +12,19 @@ so safetensors checkpoints load through transformers' torchao integration):
 The weight it stands for is ``W[n, k] = s[n, k//g]·(q[n, k] − z[n, k//g]) + s[n, k//g]·δ[n, k]``
 (shape [N, K]; ``transposed`` marks the logical view ``Wᵀ`` made by ``.t()``, the data stay
 as they are). Every matmul with it — ``F.linear``, ``aten.linear``, ``mm``, ``addmm`` — goes
-through :func:`babai_linear`, which calls the one custom op ``torch.ops.babai.linear``.
+through :func:`babai_linear`: on CPU, a layer the int4pack kernel holds (4-bit, groups
+32–256, ``N % 16 = 0``, no outliers) with fp32 or bf16 activations runs
+``aten._weight_int4pack_mm_for_cpu`` itself (``babai_ao.kernels.cpu_int4``: activations
+rounded to bf16, so a compiled graph calls the kernel with no custom-op round trip);
+everything else, and everything under ``babai_ao.cpu_kernel("exact")``, calls the one
+custom op ``torch.ops.babai.linear`` (exact on CPU for fp32 activations).
+
+The kernel's layout of such a weight (``cpu_int4pack``, ``cpu_scale_zero``; ≈ 4 + 32/g bits
+per weight) is built once — on the first eager call, or when ``torch.compile`` first looks
+at the tensor (``__tensor_flatten__`` under compile) — and kept on the tensor: it travels
+through compile as two more inner tensors, is carried by ``.t()``/dtype casts, rebuilt by
+an in-place ``copy_``, and is never saved (not a data name: ``torch.save``, safetensors and
+the digest see only the stored format).
 
 The certificate (``babai_ao.lattice.quantize.Certificate``) travels as ``certificate_json``, a JSON
 string attribute (pivots as a list of floats, then the scalar fields). A string keeps it
@@ -35,6 +47,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from babai_ao._moved import old_names
 from babai_ao.errors import BabaiError
 from babai_ao.formats.packing import pack, packed_size, unpack
+from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
 from . import integrity, ops
@@ -75,6 +88,9 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
     tensor_attribute_names = ["bits", "group_size", "shape", "dtype"]
     optional_tensor_data_names = ["outlier_ptr", "outlier_idx", "outlier_val"]
     optional_tensor_attribute_names = ["transposed", "certificate_json"]
+    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero"]  # a cache: never saved
+    cpu_int4pack: torch.Tensor | None = None  # class defaults: unpickled tensors start empty
+    cpu_scale_zero: torch.Tensor | None = None
 
     def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 bits: int, group_size: int, shape: Any, dtype: torch.dtype,
@@ -123,6 +139,57 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         self.outlier_val = outlier_val
         self.transposed = transposed
         self.certificate_json = certificate_json
+
+    # ---- the CPU kernel's layout (a cache, see the module docstring) ---------------------
+    def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
+        names, attrs = super().__tensor_flatten__()
+        if (self.cpu_int4pack is None and torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting() and self._real_cpu()):
+            self.cpu_layout(build=True)  # compile is about to see this weight
+        if self.cpu_int4pack is not None:
+            names = [*names, *self.cpu_layout_names]
+        return names, attrs
+
+    @classmethod
+    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size,
+                             outer_stride):
+        data = dict(tensor_data_dict)
+        layout = [data.pop(n, None) for n in cls.cpu_layout_names]
+        out = super().__tensor_unflatten__(data, tensor_attributes, outer_size, outer_stride)
+        out.cpu_int4pack, out.cpu_scale_zero = layout
+        return out
+
+    def _apply_fn_to_data(self, fn):
+        """torchao's per-tensor ops (detach, clone, alias, contiguous, device moves), the
+        CPU layout included while the result stays on the CPU."""
+        out = super()._apply_fn_to_data(fn)
+        if self.cpu_int4pack is not None and out.device.type == "cpu":
+            out.cpu_int4pack, out.cpu_scale_zero = fn(self.cpu_int4pack), fn(self.cpu_scale_zero)
+        return out
+
+    def _real_cpu(self) -> bool:
+        """Plain CPU data (not fake, functional or meta): a layout can be built from it."""
+        return type(self.qdata) is torch.Tensor and self.qdata.device.type == "cpu"
+
+    def cpu_int4pack_eligible(self) -> bool:
+        """A CPU weight the int4pack kernel can hold (``cpu_int4.eligible``)."""
+        return (not self.transposed and self.device.type == "cpu"
+                and cpu_int4.eligible(self.bits, self.group_size, self.out_features,
+                                      self.outlier_ptr is not None))
+
+    def cpu_layout(self, build: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int4pack layout ``(weight, scale_zero)``; built and kept when ``build`` and
+        the weight is eligible, else ``None`` when there is none."""
+        if self.cpu_int4pack is None and build and self.cpu_int4pack_eligible() \
+                and self._real_cpu():
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes(), torch.no_grad():  # real tensors, even mid-trace
+                self.cpu_int4pack, self.cpu_scale_zero = cpu_int4.build_layout(
+                    self.codes(), self.scale, self.zero_points())
+        if self.cpu_int4pack is None:
+            return None
+        return self.cpu_int4pack, self.cpu_scale_zero
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -206,7 +273,7 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
     @property
     def nbytes_stored(self) -> int:
         """Bytes of every stored data tensor (codes, scales, zeros, outliers)."""
-        names = self.__tensor_flatten__()[0]
+        names = self._stored_names()
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     @property
@@ -250,10 +317,15 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
             return f"outlier columns outside [0, {self.in_features})"
         return None
 
+    def _stored_names(self) -> list[str]:
+        """The data tensors present, without the CPU layout cache."""
+        return [n for n in integrity.data_names(type(self)) if getattr(self, n) is not None]
+
     def _stable_hash_for_caching(self) -> str:
-        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes) and the CPU kernel
+        mode, not the values."""
         parts = [type(self).__qualname__, self.bits, self.group_size, tuple(self.shape),
-                 str(self.dtype), self.transposed]
+                 str(self.dtype), self.transposed, cpu_int4.MODE]  # the mode picks the kernel
         for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
             parts.append((name, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device)))
@@ -268,13 +340,18 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         return f"BabaiQuantizedTensor({self._quantization_type()}, dtype={self.dtype})"
 
     def _with(self, **changes: Any) -> BabaiQuantizedTensor:
-        """A new tensor with some constructor arguments replaced."""
+        """A new tensor with some constructor arguments replaced; the CPU layout comes along
+        when the stored tensors are the same objects (a view, a dtype cast)."""
         args = {name: getattr(self, name) for name in (
             *self.tensor_data_names, *self.tensor_attribute_names,
             *self.optional_tensor_data_names, *self.optional_tensor_attribute_names)}
         args["shape"] = tuple(self.shape)
         args.update(changes)
-        return BabaiQuantizedTensor(**args)
+        out = BabaiQuantizedTensor(**args)
+        if self.cpu_int4pack is not None and all(
+                getattr(out, n) is getattr(self, n) for n in integrity.data_names(type(self))):
+            out.cpu_int4pack, out.cpu_scale_zero = self.cpu_int4pack, self.cpu_scale_zero
+        return out
 
 
 _quantize_eager = torch.compiler.disable(quantize_weight)
@@ -282,16 +359,55 @@ _quantize_eager = torch.compiler.disable(quantize_weight)
 
 def babai_linear(x: torch.Tensor, weight: BabaiQuantizedTensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
-    """``x @ Wᵀ + bias``: the single dequant-matmul entry point (``torch.ops.babai.linear``)."""
+    """``x @ Wᵀ + bias``: the single dequant-matmul entry point — the int4pack kernel on CPU
+    where it applies (:func:`cpu_int4pack_applies`), else ``torch.ops.babai.linear``."""
     if weight.transposed:
         raise BabaiError("F.linear got a transposed BabaiQuantizedTensor (weight.t()): pass "
                          "the weight itself, [out_features, in_features]")
     if isinstance(bias, BabaiQuantizedTensor):
         raise BabaiError("the bias of a quantized linear must be a plain tensor")
+    if cpu_int4pack_applies(x):
+        # eager: build the layout on the first call; compiled: it came with the weight
+        layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
+        if layout is not None:
+            mm = None
+            if torch.is_grad_enabled() and x.requires_grad:
+                def mm(x2, w4, sz):
+                    return _Int4PackMatmul.apply(x2, w4, sz, weight.qdata, weight.scale,
+                                                 weight.zero_point, weight.group_size,
+                                                 weight.in_features)
+            return cpu_int4.linear(x, *layout, bias, weight.group_size, weight.in_features, mm)
     return torch.ops.babai.linear(
         x, weight.qdata, weight.scale, weight.zero_point, bias, weight.bits,
         weight.group_size, weight.in_features, weight.outlier_ptr, weight.outlier_idx,
         weight.outlier_val)
+
+
+def cpu_int4pack_applies(x: torch.Tensor) -> bool:
+    """Mode ``"auto"``, CPU, fp32/bf16 activations, not exporting (export keeps
+    ``babai::linear``)."""
+    return (cpu_int4.MODE == "auto" and x.device.type == "cpu"
+            and x.dtype in cpu_int4.ACTIVATION_DTYPES and not torch.compiler.is_exporting())
+
+
+class _Int4PackMatmul(torch.autograd.Function):
+    """The int4pack kernel ``x2 [M, K] bf16 → x2 @ Wᵀ`` (bf16) with ``∂/∂x2 = grad · W``,
+    ``W`` dequantized exactly from the stored codes (the aten kernel has no backward)."""
+
+    @staticmethod
+    def forward(ctx, x2, w4, scale_zero, qdata, scale, zero_point, group_size, in_features):
+        ctx.save_for_backward(qdata, scale, zero_point)
+        ctx.meta = (group_size, in_features)
+        return cpu_int4.matmul(x2, w4, scale_zero, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qdata, scale, zero_point = ctx.saved_tensors
+        group_size, in_features = ctx.meta
+        w = torch.ops.babai.dequantize(qdata, scale, zero_point, 4, group_size, in_features,
+                                       None, None, None, torch.float32)
+        grad_x = (grad.to(torch.float32) @ w).to(grad.dtype)
+        return grad_x, None, None, None, None, None, None, None
 
 
 implements = BabaiQuantizedTensor.implements
@@ -375,8 +491,8 @@ def _(func, types, args, kwargs):
     a, b = args[0], args[1]
     if not (isinstance(a, BabaiQuantizedTensor) and isinstance(b, BabaiQuantizedTensor)):
         return False
-    names_a, attrs_a = a.__tensor_flatten__()
-    names_b, attrs_b = b.__tensor_flatten__()
+    names_a, attrs_a = a._stored_names(), a.__tensor_flatten__()[1]
+    names_b, attrs_b = b._stored_names(), b.__tensor_flatten__()[1]
     return (names_a == names_b and attrs_a == attrs_b and tuple(a.shape) == tuple(b.shape)
             and all(torch.equal(getattr(a, n), getattr(b, n)) for n in names_a))
 
@@ -406,6 +522,10 @@ def _(func, types, args, kwargs):
         if getattr(dst, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
     dst.certificate_json = src.certificate_json
+    if dst.cpu_int4pack is not None:  # same shapes: refill in place (compiled graphs hold it)
+        weight, scale_zero = cpu_int4.build_layout(dst.codes(), dst.scale, dst.zero_points())
+        dst.cpu_int4pack.copy_(weight)
+        dst.cpu_scale_zero.copy_(scale_zero)
     return dst
 
 
@@ -486,4 +606,16 @@ def _linear_backward(ctx, grad):
 torch.library.register_autograd("babai::linear", _linear_backward,
                                 setup_context=_linear_setup_context)
 integrity.install(BabaiQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
+_getstate_with_cache = BabaiQuantizedTensor.__getstate__
+
+
+def _getstate(self: BabaiQuantizedTensor) -> dict[str, Any]:
+    """The pickled state without the CPU layout cache (rebuilt after loading)."""
+    state = _getstate_with_cache(self)
+    for name in BabaiQuantizedTensor.cpu_layout_names:
+        state.pop(name, None)
+    return state
+
+
+BabaiQuantizedTensor.__getstate__ = _getstate  # type: ignore[method-assign]
 torch.serialization.add_safe_globals([BabaiQuantizedTensor, *old_names(BabaiQuantizedTensor)])
