@@ -16,6 +16,13 @@ fp32 inside the kernel), everything else the exact path; ``"exact"`` — every l
 ``babai::linear``'s exact path (fp32 dequantize + fp32 ``mm``: bit-exact vs ``F.linear``
 with the dequantized weight). ``BABAI_CPU_INT4PACK=0`` (older switch) means ``"exact"``.
 
+babai-ao's own forwards whose results become codes or reported accuracy — calibration
+(``quantize_model``, block tuning, the Fisher probe) and perplexity — run inside
+:func:`exact_forwards`: eager fp32 forwards there take the exact path whatever the mode, so
+calibrated codes do not depend on this switch, and no compiled graph is dropped (unlike a
+mode change). bf16 activations keep ``babai::linear``'s int4pack branch there, as they
+always had.
+
 The layout costs 0.1–1 ms per layer to build. The tensor subclass keeps it on the weight
 (``BabaiQuantizedTensor.cpu_int4pack``; ``babai_ao.ao.tensor``): ≈ 4 + 32/g extra bits
 per weight (4.5 at g = 64), never saved. ``babai::linear`` called directly (plain tensors,
@@ -58,6 +65,7 @@ def _mode_from_env() -> str:
 MODE = _mode_from_env()  # read by compiled code too: dynamo guards on its value
 _lock = threading.Lock()
 
+_exact_scopes = 0  # open exact_forwards() blocks, all threads (lockstep forwards are threads)
 _cache: dict[int, tuple] = {}
 stats = {"built": 0, "hits": 0}
 
@@ -87,6 +95,28 @@ def cpu_kernel(mode: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_kernel(previous)
+
+
+@contextlib.contextmanager
+def exact_forwards() -> Iterator[None]:
+    """Eager forwards inside the block (any thread) take the exact path for fp32
+    activations whatever the mode; compiled graphs are left as they are — neither dropped
+    nor changed — and a graph traced inside follows the mode (the override is not visible
+    to ``torch.compile``'s guards, so it must not be baked into a graph)."""
+    global _exact_scopes
+    with _lock:
+        _exact_scopes += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _exact_scopes -= 1
+
+
+def default_path_on() -> bool:
+    """Whether the subclass's default (bf16-activation int4pack) path may run here: mode
+    ``"auto"`` and, in eager code, no :func:`exact_forwards` block open."""
+    return MODE == "auto" and (_exact_scopes == 0 or torch.compiler.is_compiling())
 
 
 def eligible(bits: int, group_size: int, out_features: int, outliers: bool = False) -> bool:

@@ -384,9 +384,9 @@ def babai_linear(x: torch.Tensor, weight: BabaiQuantizedTensor, bias: torch.Tens
 
 
 def cpu_int4pack_applies(x: torch.Tensor) -> bool:
-    """Mode ``"auto"``, CPU, fp32/bf16 activations, not exporting (export keeps
-    ``babai::linear``)."""
-    return (cpu_int4.MODE == "auto" and x.device.type == "cpu"
+    """Mode ``"auto"`` outside ``cpu_int4.exact_forwards()`` (eager), CPU, fp32/bf16
+    activations, not exporting (export keeps ``babai::linear``)."""
+    return (cpu_int4.default_path_on() and x.device.type == "cpu"
             and x.dtype in cpu_int4.ACTIVATION_DTYPES and not torch.compiler.is_exporting())
 
 
