@@ -51,6 +51,7 @@ from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
 from . import integrity, ops
+from .cpu_layout import CPULayoutCache, exclude_from_pickle
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,7 +82,7 @@ def certificate_from_json(text: str | None) -> Certificate | None:
                          "from the quantized model") from None
 
 
-class BabaiQuantizedTensor(TorchAOBaseTensor):
+class BabaiQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     """A b-bit group-quantized weight [N, K] (or its transpose) in babai-ao's packed format."""
 
     tensor_data_names = ["qdata", "scale", "zero_point"]
@@ -140,56 +141,18 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         self.transposed = transposed
         self.certificate_json = certificate_json
 
-    # ---- the CPU kernel's layout (a cache, see the module docstring) ---------------------
-    def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
-        names, attrs = super().__tensor_flatten__()
-        if (self.cpu_int4pack is None and torch.compiler.is_compiling()
-                and not torch.compiler.is_exporting() and self._real_cpu()):
-            self.cpu_layout(build=True)  # compile is about to see this weight
-        if self.cpu_int4pack is not None:
-            names = [*names, *self.cpu_layout_names]
-        return names, attrs
-
-    @classmethod
-    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size,
-                             outer_stride):
-        data = dict(tensor_data_dict)
-        layout = [data.pop(n, None) for n in cls.cpu_layout_names]
-        out = super().__tensor_unflatten__(data, tensor_attributes, outer_size, outer_stride)
-        out.cpu_int4pack, out.cpu_scale_zero = layout
-        return out
-
-    def _apply_fn_to_data(self, fn):
-        """torchao's per-tensor ops (detach, clone, alias, contiguous, device moves), the
-        CPU layout included while the result stays on the CPU."""
-        out = super()._apply_fn_to_data(fn)
-        if self.cpu_int4pack is not None and out.device.type == "cpu":
-            out.cpu_int4pack, out.cpu_scale_zero = fn(self.cpu_int4pack), fn(self.cpu_scale_zero)
-        return out
-
-    def _real_cpu(self) -> bool:
-        """Plain CPU data (not fake, functional or meta): a layout can be built from it."""
-        return type(self.qdata) is torch.Tensor and self.qdata.device.type == "cpu"
-
+    # ---- the CPU kernel's layout (a cache: ``cpu_layout``, module docstring) -------------
     def cpu_int4pack_eligible(self) -> bool:
         """A CPU weight the int4pack kernel can hold (``cpu_int4.eligible``)."""
         return (not self.transposed and self.device.type == "cpu"
                 and cpu_int4.eligible(self.bits, self.group_size, self.out_features,
                                       self.outlier_ptr is not None))
 
-    def cpu_layout(self, build: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The int4pack layout ``(weight, scale_zero)``; built and kept when ``build`` and
-        the weight is eligible, else ``None`` when there is none."""
-        if self.cpu_int4pack is None and build and self.cpu_int4pack_eligible() \
-                and self._real_cpu():
-            from torch.utils._python_dispatch import _disable_current_modes
+    cpu_layout_eligible = cpu_int4pack_eligible
 
-            with _disable_current_modes(), torch.no_grad():  # real tensors, even mid-trace
-                self.cpu_int4pack, self.cpu_scale_zero = cpu_int4.build_layout(
-                    self.codes(), self.scale, self.zero_points())
-        if self.cpu_int4pack is None:
-            return None
-        return self.cpu_int4pack, self.cpu_scale_zero
+    def _build_cpu_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(int4pack weight, scale_zero)`` (``cpu_int4.build_layout``)."""
+        return cpu_int4.build_layout(self.codes(), self.scale, self.zero_points())
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -348,9 +311,8 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         args["shape"] = tuple(self.shape)
         args.update(changes)
         out = BabaiQuantizedTensor(**args)
-        if self.cpu_int4pack is not None and all(
-                getattr(out, n) is getattr(self, n) for n in integrity.data_names(type(self))):
-            out.cpu_int4pack, out.cpu_scale_zero = self.cpu_int4pack, self.cpu_scale_zero
+        if all(getattr(out, n) is getattr(self, n) for n in integrity.data_names(type(self))):
+            self._carry_cpu_layout(out)
         return out
 
 
@@ -606,16 +568,5 @@ def _linear_backward(ctx, grad):
 torch.library.register_autograd("babai::linear", _linear_backward,
                                 setup_context=_linear_setup_context)
 integrity.install(BabaiQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
-_getstate_with_cache = BabaiQuantizedTensor.__getstate__
-
-
-def _getstate(self: BabaiQuantizedTensor) -> dict[str, Any]:
-    """The pickled state without the CPU layout cache (rebuilt after loading)."""
-    state = _getstate_with_cache(self)
-    for name in BabaiQuantizedTensor.cpu_layout_names:
-        state.pop(name, None)
-    return state
-
-
-BabaiQuantizedTensor.__getstate__ = _getstate  # type: ignore[method-assign]
+exclude_from_pickle(BabaiQuantizedTensor)  # the CPU layout is rebuilt after loading
 torch.serialization.add_safe_globals([BabaiQuantizedTensor, *old_names(BabaiQuantizedTensor)])
