@@ -1,6 +1,9 @@
 """Compiled CPU decode speed: float (fp32, bf16), torchao's CPU int4, babai-ao 4-bit (the
 default path on an fp32 model and on a bf16 model, ``prepare_cpu``, the exact path) and
-HPTQ, side by side in one process, with the memory bandwidth each row reaches.
+HPTQ 3.3 bits (the default path on an fp32 model — int4pack on each group's 16-code window
+plus a sparse correction, ``kernels/cpu_hptq.py`` — and ``prepare_cpu`` on a bf16 model),
+side by side in one process, with the memory bandwidth each row reaches. The "default"
+rows are what a user gets with no extra call: ``quantize_`` then ``torch.compile``.
 
 ``--model smollm2`` (default): SmolLM2-135M, every decoder linear quantized (the lm_head is
 tied to the embeddings and stays float). ``--model llama-1b``: a Llama-3.2-1B-shaped model
@@ -26,7 +29,8 @@ counted) and ``sum`` (read only) passes over a 512 MiB tensor.
 
     .venv/bin/python benchmarks/kernels_cpu.py --generate 32 --rounds 3
     .venv/bin/python benchmarks/kernels_cpu.py --model llama-1b --generate 16 --rounds 2 \\
-        --json benchmarks/results/kernels_cpu_llama1b.json
+        --cache /tmp/kernels_cpu --json benchmarks/results/kernels_cpu_llama1b.json
+    .venv/bin/python benchmarks/kernels_cpu.py --model llama-tiny --generate 4 --rounds 1  # smoke
 """
 
 from __future__ import annotations
@@ -102,11 +106,24 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
             return m
         return build
 
-    def hptq():
-        m = base(torch.bfloat16)()
-        quantize_(m, babai_config(clip="hptq", target_bits=3.3), filter_fn=only)
-        prepare_cpu(m)  # decoded to 8-bit rows: the int8 kernel
-        return m
+    def hptq(dtype, prepare=False):
+        def build():
+            cached = None
+            if args.cache:  # HRTN's rate search is slow (minutes per 100 M weights)
+                cached = (Path(args.cache) / f"{args.model}-{args.layers}-hptq3.3-"
+                          f"{str(dtype).removeprefix('torch.')}.pt")
+            if cached is not None and cached.is_file():
+                m = torch.load(cached, weights_only=False)
+            else:
+                m = base(dtype)()
+                quantize_(m, babai_config(clip="hptq", target_bits=3.3), filter_fn=only)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(m, cached)
+            if prepare:
+                prepare_cpu(m)  # int4pack + sparse where it pays, else 8-bit rows
+            return m
+        return build
 
     def torchao_int4():
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
@@ -125,7 +142,10 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
         f"babai 4-bit g{gs}, bf16 model, prepare_cpu": (babai(torch.bfloat16, True), "auto"),
     }
     if not args.no_hptq:
-        out["babai HPTQ 3.3 bits, bf16 model, prepare_cpu (int8 rows)"] = (hptq, "auto")
+        out["babai HPTQ 3.3 bits, fp32 model, default (int4pack + sparse, bf16 act)"] = (
+            hptq(torch.float32), "auto")
+        out["babai HPTQ 3.3 bits, bf16 model, prepare_cpu"] = (hptq(torch.bfloat16, True),
+                                                               "auto")
     if args.exact:
         out[f"babai 4-bit g{gs}, fp32 model, cpu_kernel('exact') (fp32 dequant+mm)"] = (
             babai(torch.float32), "exact")
@@ -134,11 +154,9 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
 # ---- bytes read per decode step, bandwidth ------------------------------------------------
 def _tensor_bytes(t: torch.Tensor) -> int:
-    from babai_ao import BabaiQuantizedTensor
-
-    if isinstance(t, BabaiQuantizedTensor):
+    if hasattr(t, "cpu_layout"):  # BabaiQuantizedTensor, HuffmanQuantizedTensor
         layout = t.cpu_layout()
-        if layout is not None:  # the default CPU path reads the int4pack layout only
+        if layout is not None:  # the default CPU path reads its layout only
             return sum(x.numel() * x.element_size() for x in layout)
         return t.nbytes_stored
     if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
@@ -150,7 +168,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of every linear-like module's tensors (what one decode step reads)."""
     total, seen = 0, set()
     for mod in model.modules():
-        if not (isinstance(mod, nn.Linear) or "PackLinear" in type(mod).__name__):
+        if not (isinstance(mod, nn.Linear) or type(mod).__name__.endswith(
+                ("PackLinear", "SparseLinear"))):
             continue
         for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
             if id(t) not in seen:
@@ -234,6 +253,8 @@ def main() -> None:
                    help="build, time and free one variant at a time (default for llama-1b)")
     p.add_argument("--exact", action="store_true", help="add the exact fp32 path (slow)")
     p.add_argument("--no-hptq", action="store_true")
+    p.add_argument("--cache", metavar="DIR",
+                   help="keep the HPTQ-quantized model here (torch.save) and reuse it")
     p.add_argument("--only", help="comma-separated substrings: keep matching variants")
     p.add_argument("--json")
     args = p.parse_args()
