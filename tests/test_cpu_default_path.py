@@ -178,3 +178,26 @@ def test_cpu_kernel_mode_is_checked_and_restored():
     assert cpu_int4.MODE == "auto"
     with pytest.raises(BabaiError, match="unknown"):
         cpu_int4.set_cpu_kernel("fast")
+
+
+def test_flatten_result_is_kept_once_final_and_dropped_on_assignment():
+    """A compiled graph flattens every weight on every call; the result is kept on a real
+    tensor once its layout exists (or cannot), equal to a fresh computation, and any
+    attribute assignment drops it."""
+    from torchao.utils import TorchAOBaseTensor
+
+    t = _weight()
+    assert "_flattened" not in t.__dict__ and t.__tensor_flatten__()[0] == t.tensor_data_names
+    assert "_flattened" not in t.__dict__  # eligible, no layout yet: compile may build it
+    torch.nn.functional.linear(torch.randn(1, 256), t)
+    names, attrs = t.__tensor_flatten__()
+    assert names == [*t.tensor_data_names, *t.cpu_layout_names] and "_flattened" in t.__dict__
+    base_names, base_attrs = TorchAOBaseTensor.__tensor_flatten__(t)
+    assert t.__tensor_flatten__() == ([*base_names, *t.cpu_layout_names], base_attrs)
+    names.append("x")  # callers get copies
+    assert "x" not in t.__tensor_flatten__()[0]
+    t.certificate_json = "{}"
+    assert "_flattened" not in t.__dict__ and t.__tensor_flatten__()[1]["certificate_json"] == "{}"
+    odd = _weight(bits=3)  # not eligible: final at once
+    odd.__tensor_flatten__()
+    assert "_flattened" in odd.__dict__

@@ -97,7 +97,10 @@ def test_hptq_linear_op_on_a_real_hptq_weight():
     ref = x @ hw.dequantize().t() + bias
     fused = torch.ops.babai.hptq_linear_triton(x, *args)
     plain = torch.ops.babai.hptq_linear(x, *args)  # CPU: the reference implementation
-    via_tensor = torch.nn.functional.linear(x, hq, bias)
+    from babai_ao.kernels import cpu_int4
+
+    with cpu_int4.exact_forwards():  # the exact path (the CPU default rounds x to bf16)
+        via_tensor = torch.nn.functional.linear(x, hq, bias)
     for out in (fused, plain, via_tensor):
         assert out.shape == (2, 5, 48)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)

@@ -75,13 +75,27 @@ class CPULayoutCache:
         return out
 
     def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
+        """torchao's names and attributes, plus the layout's names when it exists. A
+        compiled graph's runtime wrapper calls this twice per weight per call, so a real
+        tensor keeps its result (copied out; any attribute assignment drops it) once the
+        layout exists or cannot exist."""
+        kept = self.__dict__.get("_flattened")
+        if kept is not None:
+            return list(kept[0]), dict(kept[1])
         names, attrs = super().__tensor_flatten__()  # type: ignore[misc]
         if (not self._has_cpu_layout() and torch.compiler.is_compiling()
                 and not torch.compiler.is_exporting() and self._real_cpu()):
             self.cpu_layout(build=True)  # compile is about to see this weight
         if self._has_cpu_layout():
             names = [*names, *self.cpu_layout_names]
+        if (type(self._first_data()) is torch.Tensor and not torch.compiler.is_compiling()
+                and (self._has_cpu_layout() or not self.cpu_layout_eligible())):
+            self.__dict__["_flattened"] = (tuple(names), dict(attrs))
         return names, attrs
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_flattened", None)  # names or attributes may change
+        super().__setattr__(name, value)
 
     @classmethod
     def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size,
