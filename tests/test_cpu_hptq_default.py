@@ -13,13 +13,12 @@ import io
 
 import pytest
 import torch
-from babai_ao.kernels import cpu_hptq
+from babai_ao.kernels import cpu_hptq, cpu_int4
 from torch._inductor.utils import run_and_get_code
 
 from babai_ao import cpu_kernel
 from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, prepare_hptq_cpu
 from babai_ao.formats import hptq
-from babai_ao.kernels import cpu_int4
 
 KERNEL_CALL = "torch.ops.quantized.int4mm_packed_weight_cpu.default("
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from babai_ao.kernels import cpu_int4
 from torch import nn
 
 from babai_ao import cpu_kernel
@@ -22,7 +23,6 @@ from babai_ao.calibration.blocks import decoder_blocks
 from babai_ao.calibration.evaluate import perplexity
 from babai_ao.calibration.sequential import quantize_model
 from babai_ao.errors import BabaiError
-from babai_ao.kernels import cpu_int4
 
 
 def cfg() -> SimpleNamespace:
