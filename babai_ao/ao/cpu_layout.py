@@ -116,13 +116,14 @@ class CPULayoutCache:
 
 
 def exclude_from_pickle(cls: type) -> None:
-    """``cls.__getstate__`` without the layout (rebuilt after loading); call it after any
-    other ``__getstate__`` wrapper (``integrity.install``)."""
+    """``cls.__getstate__`` without the layout (rebuilt after loading) and the kept flatten
+    result (which names it); call it after any other ``__getstate__`` wrapper
+    (``integrity.install``)."""
     with_cache = cls.__getstate__
 
     def __getstate__(self) -> dict[str, Any]:
         state = with_cache(self)
-        for name in (*cls.cpu_layout_names, "_cpu_layout_absent"):
+        for name in (*cls.cpu_layout_names, "_cpu_layout_absent", "_flattened"):
             state.pop(name, None)
         return state
 
