@@ -69,6 +69,8 @@ _LAZY = {
     "load_smollm2": "calibration.models",
     "perplexity": "calibration.evaluate",
     "prepare_cpu": "kernels.prepare",
+    "cpu_kernel": "kernels.cpu_int4",
+    "set_cpu_kernel": "kernels.cpu_int4",
 }
 
 

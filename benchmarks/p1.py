@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="sequential mode: dtype of the calibration forwards (Hessians fp32)")
     p.add_argument("--hessian-tiles", action="store_true",
                    help="sequential mode: Hessians from their upper tiles, mirrored")
+    p.add_argument("--cpu-kernel", choices=("exact", "auto"), default="exact",
+                   help="evaluation forwards on CPU: exact fp32 path (default: P1 rows stay "
+                        "comparable) or the default bf16-activation int4pack path")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -225,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             decode_model(model)  # HPTQ: decode the streams once for the evaluation
     ids = test_tokens(tokenizer)
     t0 = time.perf_counter()
-    losses = window_losses(model, ids, args.windows, args.seq_len, progress)
+    losses = window_losses(model, ids, args.windows, args.seq_len, progress, args.cpu_kernel)
     record.update(eval_seconds=time.perf_counter() - t0, windows=args.windows,
+                  cpu_kernel=args.cpu_kernel,
                   seq_len=args.seq_len, test_tokens=ids.numel(), window_losses=losses,
                   ppl=float(torch.tensor(losses, dtype=torch.float64).mean().exp()),
                   load_average_end=os.getloadavg())

@@ -2,9 +2,11 @@
 
 Unpacking uses byte-wide shifts (``b`` ∈ {2, 4, 8}: codes never straddle a byte) or one
 24-bit word per 3 bytes (3-bit: 8 codes), instead of the reference's int64 words. The
-dequantized weight ``W = s·(q − z)`` lives only inside this call (the op is opaque to
-compile, so no float weight appears in any graph); rows are processed in chunks so the
-temporary stays cache-sized.
+dequantized weight ``W = s·(q − z)`` (+ SSQR's ``s·δ``) lives only inside this call (the op
+is opaque to compile, so no float weight appears in any graph) and is the reference's to
+the bit, so this exact path equals ``F.linear(x, W, bias)`` in fp32 bit for bit (weights up
+to ``EXACT_MAX_WEIGHTS`` entries; larger ones go in row blocks). 4-bit layers with bf16
+activations take the int4pack kernel instead (``cpu_int4``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from . import cpu_int4
 
-ROW_CHUNK = 1024
+EXACT_MAX_WEIGHTS = 2**26  # the exact path's float weight: ≤ 256 MiB at a time
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -39,6 +41,34 @@ def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, z: torch.Tensor,
     return ((q - z.to(dtype)[..., None]) * scales.to(dtype)[..., None]).reshape(rows, -1)
 
 
+def _exact(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z: torch.Tensor,
+           bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+           outlier_ptr: torch.Tensor | None, outlier_idx: torch.Tensor | None,
+           outlier_val: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``x2 @ Wᵀ + bias`` with ``W`` dequantized as the reference does (``s·(q − z)``,
+    then ``s·δ`` added at the outliers): one ``F.linear`` on the whole weight while it has at
+    most ``EXACT_MAX_WEIGHTS`` entries — bit-exact vs ``F.linear(x, W, bias)`` — else row
+    blocks of that size (the same products, the GEMM may block them differently)."""
+    n = packed.shape[0]
+    b = None if bias is None else bias.to(torch.float32)
+    rows_per = max(1, EXACT_MAX_WEIGHTS // max(1, in_features))
+    outs = []
+    for r0 in range(0, n, rows_per):
+        r1 = min(n, r0 + rows_per)
+        w = dequantize_rows(packed[r0:r1], scales[r0:r1], z[r0:r1], bits, group_size,
+                            in_features, torch.float32)
+        if outlier_ptr is not None and outlier_idx.numel():
+            a, e = int(outlier_ptr[r0]), int(outlier_ptr[r1])
+            rows = torch.repeat_interleave(torch.arange(r1 - r0),
+                                           outlier_ptr[r0 + 1:r1 + 1] - outlier_ptr[r0:r1])
+            cols = outlier_idx[a:e].to(torch.int64)
+            s = scales[r0:r1].to(torch.float32)
+            w = w.index_put((rows, cols), s[rows, cols // group_size]
+                            * outlier_val[a:e].to(torch.float32), accumulate=True)
+        outs.append(torch.nn.functional.linear(x2, w, None if b is None else b[r0:r1]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
 def linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
                in_features: int, outlier_ptr: torch.Tensor | None = None,
@@ -58,21 +88,14 @@ def linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
         weight, scale_zero = cpu_int4.layout(
             packed, scales, zeros, lambda: unpack_rows(packed, bits, in_features), zero_codes)
         out = cpu_int4.matmul(x2.contiguous(), weight, scale_zero, group_size).float()
+        if outlier_ptr is not None and outlier_idx.numel():
+            rows = torch.repeat_interleave(torch.arange(n), outlier_ptr[1:] - outlier_ptr[:-1])
+            cols = outlier_idx.to(torch.int64)
+            delta = scales[rows, cols // group_size].float() * outlier_val.to(torch.float32)
+            out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
+        if bias is not None:
+            out += bias.to(torch.float32)
     else:
-        x2 = x2.to(torch.float32)
-        z = zero_codes()
-        out_t = torch.empty(n, x2.shape[0], dtype=torch.float32)  # rows of Wx, chunk-contiguous
-        for r0 in range(0, n, ROW_CHUNK):
-            r1 = min(n, r0 + ROW_CHUNK)
-            w = dequantize_rows(packed[r0:r1], scales[r0:r1], z[r0:r1], bits, group_size,
-                                in_features, torch.float32)
-            torch.mm(w, x2.t(), out=out_t[r0:r1])
-        out = out_t.t()
-    if outlier_ptr is not None and outlier_idx.numel():
-        rows = torch.repeat_interleave(torch.arange(n), outlier_ptr[1:] - outlier_ptr[:-1])
-        cols = outlier_idx.to(torch.int64)
-        delta = scales[rows, cols // group_size].to(torch.float32) * outlier_val.to(torch.float32)
-        out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
-    if bias is not None:
-        out += bias.to(torch.float32)
+        out = _exact(x2.to(torch.float32), packed, scales, zero_codes(), bias, bits,
+                     group_size, in_features, outlier_ptr, outlier_idx, outlier_val)
     return out.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)

@@ -28,7 +28,10 @@ so the weight is exact (no scale is rounded to bf16, unlike the plain 4-bit path
 (the same output rounding as our 4-bit path) and the final cast to the activation dtype.
 Like ``Int4PackLinear`` it computes in bf16 (fp32 activations are cast).
 
-``prepare_hptq_cpu(codes, scales, bias)`` builds the layer and returns ``None`` where the
+``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
+an HPTQ weight (``HuffmanQuantizedTensor``) keeps that layout on itself and its ``F.linear``
+on CPU runs it by default (``babai_ao.ao.hptq_tensor``; ``cpu_kernel("exact")`` turns it
+off). ``prepare_hptq_cpu(codes, scales, bias)`` builds the layer and returns ``None`` where the
 layout does not pay (more than ``MAX_SPARSE_FRACTION`` of the weights off their windows) or
 cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``); ``prepare_cpu`` then keeps the int8
 path. The prepared module holds only the kernel's layout: save the model before preparing.
@@ -122,15 +125,9 @@ class Int4SparseLinear(nn.Module):
         self.sparse_count = int((sparse_val != 0).sum())  # nonzeros of Δ, padding excluded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.weight_int4pack, self.group_size, self.scale_zero).float()
-        if self.sparse_count:  # y[:, n] += x[:, k]·Δ[n, k] over the entries
-            y = y.index_add(1, self.sparse_rows, x2.float()[:, self.sparse_cols] * self.sparse_val)
-        y = y * self.scales
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight_int4pack, self.scale_zero, self.scales, self.sparse_rows,
+                      self.sparse_cols, self.sparse_val, self.bias, self.group_size,
+                      self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -138,12 +135,14 @@ class Int4SparseLinear(nn.Module):
                 "(bf16 compute)")
 
 
-def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                     max_sparse_fraction: float | None = None) -> Int4SparseLinear | None:
-    """The int4pack + sparse layer for ``W = s_n · C`` (integer ``codes`` C [N, K],
-    ``scales`` [1] or [N]), or ``None`` when it cannot be built (``N % 16 ≠ 0``, no group
-    size dividing ``K``) or more than ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights (then the int8
-    path is faster), or the form is turned off (``ENABLED``)."""
+def build_layout(codes: torch.Tensor, scales: torch.Tensor,
+                 max_sparse_fraction: float | None = None) -> tuple[torch.Tensor, ...] | None:
+    """``(int4pack weight, scale_zero, scales, rows, cols, val)`` for ``W = s_n · C``
+    (integer ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
+    (``N % 16 ≠ 0``, no group size dividing ``K``) or more than ``max_sparse_fraction``
+    (default ``MAX_SPARSE_FRACTION``) of the weights are off their windows (then the int8
+    path is faster), or the form is turned off (``ENABLED``). The group size is
+    ``K // scale_zero.shape[0]``."""
     n, k = codes.shape
     group = group_size_for(k)
     if not ENABLED or group is None or n % 16:
@@ -157,5 +156,31 @@ def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tens
         return None
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     scale_zero = torch.stack([torch.ones(n, k // group), offsets.to(torch.float32)], -1)
-    return Int4SparseLinear(weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
-                            scales.reshape(-1).to(torch.float32), *coo(delta), bias, group, k)
+    return (weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
+            scales.reshape(-1).to(torch.float32), *coo(delta))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
+           scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor,
+           bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
+    """``y = s_n·(bf16(x·C₄ᵀ) + x·Δᵀ) + b`` in ``x.dtype`` (``x`` rounded to bf16; fp32
+    after the kernel), aten ops only, so a compiled graph calls the kernel itself."""
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale_zero).float()
+    if val.numel():  # y[:, n] += x[:, k]·Δ[n, k] over the entries (static under compile)
+        y = y.index_add(1, rows, x2.float()[:, cols] * val)
+    y = y * scales
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                     max_sparse_fraction: float | None = None) -> Int4SparseLinear | None:
+    """The int4pack + sparse layer for ``W = s_n · C`` (:func:`build_layout`; ``None``
+    where that declines)."""
+    built = build_layout(codes, scales, max_sparse_fraction)
+    if built is None:
+        return None
+    k = codes.shape[1]
+    return Int4SparseLinear(*built, bias, k // built[1].shape[0], k)

@@ -2,42 +2,133 @@
 
 That kernel computes ``x @ Wᵀ`` with ``W[n, k] = (q[n, k] − 8)·a[g, n] + c[g, n]`` (``g =
 k // group``) from its own nibble layout (``_convert_weight_to_int4pack_for_cpu``). Our
-``W = s·(q − z)`` is the same affine map with ``a = s`` and ``c = s·(8 − z)``. It is only fast
-for bf16 activations (measured: fp32 activations take a scalar path ~10× slower than fp32
-``mm``), so it is used for bf16 inputs, 4-bit codes, groups of 32/64/128/256 and
-``N % 16 == 0``; everything else takes the exact dequant + ``mm`` path of ``cpu.py``.
+``W = s·(q − z)`` is the same affine map with ``a = s`` and ``c = s·(8 − z)`` (both rounded
+to bf16). It is only fast for bf16 activations (measured: fp32 activations take a scalar
+path ~10× slower than fp32 ``mm``), so fp32 activations are cast to bf16 first and the bf16
+result cast back (:func:`linear`). Eligible layers: 4-bit codes, groups of 32/64/128/256,
+``N % 16 == 0``, no SSQR outliers.
 
-The layout costs 0.1–1 ms per layer to build, so it is built on a layer's first call and
-kept in a cache keyed by the packed tensor (a weak reference, so a freed model frees its
-entries; the tensors' version counters, so an in-place ``copy_`` rebuilds it). The cache
-holds ≈ 4.5 extra bits per weight; ``clear_cache()`` drops it, ``BABAI_CPU_INT4PACK=0``
-turns the path off.
+Which CPU kernel a ``BabaiQuantizedTensor`` linear takes is a process-wide mode
+(:func:`cpu_kernel`, env ``BABAI_CPU_KERNEL``): ``"auto"`` (default) — eligible layers run
+this kernel with bf16 activations whatever the model dtype (the weight itself is exact: the
+same codes, scales and zeros; only ``x`` is rounded to bf16 and the products accumulate in
+fp32 inside the kernel), everything else the exact path; ``"exact"`` — every layer runs
+``babai::linear``'s exact path (fp32 dequantize + fp32 ``mm``: bit-exact vs ``F.linear``
+with the dequantized weight). ``BABAI_CPU_INT4PACK=0`` (older switch) means ``"exact"``.
 
-``babai_ao.prepare_cpu(model)`` (``kernels/prepare.py``) goes one step further for CPU
-inference: every eligible 4-bit linear becomes an ``Int4PackLinear`` holding only the
-layout, whose forward is the aten call itself — no custom-op round trip per layer (~40 µs
-each, measured), so a compiled graph calls the int4pack kernel directly.
+babai-ao's own forwards whose results become codes or reported accuracy — calibration
+(``quantize_model``, block tuning, the Fisher probe) and perplexity — run inside
+:func:`exact_forwards`: eager fp32 forwards there take the exact path whatever the mode, so
+calibrated codes do not depend on this switch, and no compiled graph is dropped (unlike a
+mode change). bf16 activations keep ``babai::linear``'s int4pack branch there, as they
+always had.
+
+The layout costs 0.1–1 ms per layer to build. The tensor subclass keeps it on the weight
+(``BabaiQuantizedTensor.cpu_int4pack``; ``babai_ao.ao.tensor``): ≈ 4 + 32/g extra bits
+per weight (4.5 at g = 64), never saved. ``babai::linear`` called directly (plain tensors,
+``PackedLinear``) keeps a cache keyed by the packed tensor (a weak reference, so a freed
+model frees its entries; the tensors' version counters, so an in-place ``copy_`` rebuilds
+it) and takes this kernel for bf16 activations only; ``clear_cache()`` drops that cache.
+
+``babai_ao.prepare_cpu(model)`` (``kernels/prepare.py``) swaps eligible 4-bit linears for
+``Int4PackLinear`` modules holding only the layout — no longer needed for speed (the
+subclass's ``F.linear`` emits the same aten call), still there to drop the packed copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 GROUP_SIZES = (32, 64, 128, 256)
-ENABLED = os.environ.get("BABAI_CPU_INT4PACK", "1") != "0"
+MODES = ("auto", "exact")
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # fp16 would lose bits in bf16: exact
 
+
+def _mode_from_env() -> str:
+    if os.environ.get("BABAI_CPU_INT4PACK", "1") == "0":
+        return "exact"
+    mode = os.environ.get("BABAI_CPU_KERNEL", "auto")
+    if mode not in MODES:
+        from babai_ao.errors import BabaiError
+
+        raise BabaiError(f"BABAI_CPU_KERNEL={mode!r} is unknown: use one of {MODES}")
+    return mode
+
+
+MODE = _mode_from_env()  # read by compiled code too: dynamo guards on its value
+_lock = threading.Lock()
+
+_exact_scopes = 0  # open exact_forwards() blocks, all threads (lockstep forwards are threads)
 _cache: dict[int, tuple] = {}
 stats = {"built": 0, "hits": 0}
 
 
+def set_cpu_kernel(mode: str) -> str:
+    """Set the CPU kernel mode (``"auto"`` or ``"exact"``, module docstring); returns the
+    previous one. A change drops every compiled graph of the process
+    (``torch.compiler.reset()``: the kernel is chosen while tracing, below the guards
+    ``torch.compile`` checks), so compiled models recompile on their next call."""
+    global MODE
+    if mode not in MODES:
+        from babai_ao.errors import BabaiError
+
+        raise BabaiError(f"cpu_kernel mode {mode!r} is unknown: use one of {MODES}")
+    with _lock:
+        previous, MODE = MODE, mode
+    if previous != mode:
+        torch.compiler.reset()
+    return previous
+
+
+@contextlib.contextmanager
+def cpu_kernel(mode: str) -> Iterator[None]:
+    """``with babai_ao.cpu_kernel("exact"): ...`` — the mode inside the block only."""
+    previous = set_cpu_kernel(mode)
+    try:
+        yield
+    finally:
+        set_cpu_kernel(previous)
+
+
+@contextlib.contextmanager
+def exact_forwards() -> Iterator[None]:
+    """Eager forwards inside the block (any thread) take the exact path for fp32
+    activations whatever the mode; compiled graphs are left as they are — neither dropped
+    nor changed — and a graph traced inside follows the mode (the override is not visible
+    to ``torch.compile``'s guards, so it must not be baked into a graph)."""
+    global _exact_scopes
+    with _lock:
+        _exact_scopes += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _exact_scopes -= 1
+
+
+def default_path_on() -> bool:
+    """Whether the subclass's default (bf16-activation int4pack) path may run here: mode
+    ``"auto"`` and, in eager code, no :func:`exact_forwards` block open."""
+    return MODE == "auto" and (_exact_scopes == 0 or torch.compiler.is_compiling())
+
+
+def eligible(bits: int, group_size: int, out_features: int, outliers: bool = False) -> bool:
+    """Whether the int4pack kernel can hold a layer of this layout."""
+    return bits == 4 and group_size in GROUP_SIZES and out_features % 16 == 0 and not outliers
+
+
 def supported(x_dtype: torch.dtype, bits: int, group_size: int, out_features: int) -> bool:
-    """Whether ``babai::linear`` on CPU takes the int4pack kernel for these arguments."""
-    return (ENABLED and bits == 4 and x_dtype == torch.bfloat16 and group_size in GROUP_SIZES
-            and out_features % 16 == 0)
+    """Whether ``babai::linear`` on CPU takes the int4pack kernel for these arguments
+    (bf16 activations only: the op's fp32 path stays exact)."""
+    return MODE == "auto" and x_dtype == torch.bfloat16 and eligible(bits, group_size,
+                                                                     out_features)
 
 
 def build_layout(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
@@ -81,6 +172,22 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scale_zero)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
+           bias: torch.Tensor | None, group_size: int, in_features: int,
+           mm=None) -> torch.Tensor:
+    """``x @ Wᵀ + bias`` in ``x.dtype`` with ``x`` rounded to bf16 for the kernel (aten ops
+    only, so a compiled graph calls the kernel itself); the bias is added in fp32. ``mm``
+    replaces the bare kernel call ``(x2, weight, scale_zero) → bf16`` (an autograd
+    function when ``x`` needs a gradient)."""
+    n = weight.shape[0]
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    y = (mm(x2, weight, scale_zero) if mm is not None
+         else matmul(x2, weight, scale_zero, group_size))
+    if bias is not None:
+        y = y.to(torch.float32) + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def clear_cache() -> None:
     _cache.clear()
 
@@ -91,12 +198,11 @@ class Int4PackLinear(nn.Module):
     @classmethod
     def eligible(cls, w) -> bool:
         """A 4-bit ``BabaiQuantizedTensor`` the int4pack kernel can hold."""
-        return (w.bits == 4 and w.group_size in GROUP_SIZES and w.out_features % 16 == 0
-                and w.outlier_ptr is None)
+        return eligible(w.bits, w.group_size, w.out_features, w.outlier_ptr is not None)
 
     @classmethod
     def from_weight(cls, w, bias: torch.Tensor | None) -> Int4PackLinear:
-        weight, scale_zero = build_layout(w.codes(), w.scale, w.zero_points())
+        weight, scale_zero = w.cpu_layout(build=True)
         return cls(weight, scale_zero, bias, w.group_size, w.in_features)
 
     def __init__(self, weight: torch.Tensor, scale_zero: torch.Tensor,

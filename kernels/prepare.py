@@ -10,7 +10,9 @@ itself (plus, for ``Int4SparseLinear``, a gather and a scale), so a compiled gra
 kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
 are cast) and hold only the kernel's layout: save the model before preparing, not after.
 Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep
-``babai::linear``.
+``babai::linear``. 4-bit layers no longer need it for speed: a ``BabaiQuantizedTensor``'s
+``F.linear`` on CPU runs the same int4pack kernel by default (``babai_ao.ao.tensor``); here
+they also drop the packed copy the tensor keeps for saving and export.
 """
 
 from __future__ import annotations

@@ -97,7 +97,10 @@ def test_hptq_linear_op_on_a_real_hptq_weight():
     ref = x @ hw.dequantize().t() + bias
     fused = torch.ops.babai.hptq_linear_triton(x, *args)
     plain = torch.ops.babai.hptq_linear(x, *args)  # CPU: the reference implementation
-    via_tensor = torch.nn.functional.linear(x, hq, bias)
+    from babai_ao.kernels import cpu_int4
+
+    with cpu_int4.exact_forwards():  # the exact path (the CPU default rounds x to bf16)
+        via_tensor = torch.nn.functional.linear(x, hq, bias)
     for out in (fused, plain, via_tensor):
         assert out.shape == (2, 5, 48)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
@@ -112,7 +115,9 @@ def test_hptq_linear_op_on_a_real_hptq_weight():
 @pytest.mark.filterwarnings("ignore:babai_config without calibration")
 def test_compiled_smollm2_keeps_hptq_weights_entropy_coded(smollm2_small):
     """torch.compile(fullgraph) of SmolLM2 blocks whose linears are HPTQ streams: the graph
-    calls babai::hptq_linear (the weight is never decoded into the graph), output = eager."""
+    calls babai::hptq_linear (the weight is never decoded into the graph), output = eager.
+    Under ``cpu_kernel("exact")``: the CPU default path is int4pack + sparse instead
+    (``test_cpu_hptq_default``)."""
     import copy
 
     from torch._inductor.utils import run_and_get_code
@@ -127,7 +132,9 @@ def test_compiled_smollm2_keeps_hptq_weights_entropy_coded(smollm2_small):
     hq = model.model.layers[0].mlp.down_proj.weight
     assert isinstance(hq, HuffmanQuantizedTensor) and hq.bits_per_weight < 3.4
     ids = torch.tensor([[1, 42, 314, 2718, 99]])
-    with torch.no_grad():
+    from babai_ao import cpu_kernel
+
+    with torch.no_grad(), cpu_kernel("exact"):
         eager = model(ids).logits
         compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), ids)
     text = "\n".join(code)

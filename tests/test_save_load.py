@@ -244,7 +244,10 @@ def test_hptq_save_pretrained_from_pretrained_fresh_process(tmp_path: Path) -> N
     ids = torch.tensor([[1, 42, 314, 2718, 99]])
     try:
         with torch.no_grad():
-            stored = model(ids).logits  # babai::hptq_linear on the stream
+            from babai_ao.kernels import cpu_int4
+
+            with cpu_int4.exact_forwards():  # the CPU default would round x to bf16
+                stored = model(ids).logits  # babai::hptq_linear on the stream
             decode_model(model)
             logits = model(ids).logits  # the decoded 8-bit form, as in the fresh process
     finally:

@@ -80,18 +80,23 @@ def test_clip_false_codes_are_rejected() -> None:
 
 
 def test_every_matmul_route_equals_dequantized_math() -> None:
+    """Under ``cpu_kernel("exact")`` (the default CPU path rounds x to bf16 for this 4-bit
+    layer: tests/test_cpu_default_path.py)."""
+    from babai_ao import cpu_kernel
+
     _, qw = _qw()
     t = BabaiQuantizedTensor.from_quantized(qw, torch.float32)
     w = grid_dequantize(qw.codes, qw.scales.float(), qw.zeros, 32).double()
     x, b = torch.randn(2, 5, 128), torch.randn(48)
     ref = (x.double() @ w.T + b.double()).float()
-    outs = {
-        "F.linear": torch.nn.functional.linear(x, t, b),
-        "aten.linear": torch.ops.aten.linear.default(x, t, b),
-        "mm": torch.mm(x[0], t.t()) + b,
-        "addmm": torch.addmm(b, x[0], t.t()),
-        "matmul": x @ t.t() + b,
-    }
+    with cpu_kernel("exact"):
+        outs = {
+            "F.linear": torch.nn.functional.linear(x, t, b),
+            "aten.linear": torch.ops.aten.linear.default(x, t, b),
+            "mm": torch.mm(x[0], t.t()) + b,
+            "addmm": torch.addmm(b, x[0], t.t()),
+            "matmul": x @ t.t() + b,
+        }
     for name, out in outs.items():
         torch.testing.assert_close(out, ref[0] if out.dim() == 2 else ref, msg=name)
 
@@ -178,11 +183,15 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager() -> None:
 
 
 def test_input_gradient_flows_through_the_quantized_weight() -> None:
+    """Exact CPU path (the default path's gradient: tests/test_cpu_default_path.py)."""
+    from babai_ao import cpu_kernel
+
     _, qw = _qw()
     t = BabaiQuantizedTensor.from_quantized(qw, torch.float32)
     x = torch.randn(4, 128, dtype=torch.float64).float().requires_grad_()
     b = torch.zeros(48, requires_grad=True)
-    torch.nn.functional.linear(x, t, b).pow(2).sum().backward()
+    with cpu_kernel("exact"):
+        torch.nn.functional.linear(x, t, b).pow(2).sum().backward()
     x2 = x.detach().clone().requires_grad_()
     b2 = torch.zeros(48, requires_grad=True)
     torch.nn.functional.linear(x2, t.dequantize(), b2).pow(2).sum().backward()

@@ -9,10 +9,14 @@ the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.comp
 decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized NumPy loop on
 CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
 that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
-CPU the reference, which decodes on every call (run ``decode_model`` there before timing,
-``torch.compile`` or export). For CPU inference ``prepare_hptq_cpu(weight, bias)`` gives the
-fast form ``prepare_cpu`` swaps in: torch's int4pack kernel on each group's 16-code window plus
-a sparse correction (``babai_ao.kernels.cpu_hptq``), the same weight exactly.
+CPU, by default, torch's int4pack kernel on each group's 16-code window plus a sparse
+correction for the codes off it (``babai_ao.kernels.cpu_hptq``: the same weight exactly,
+activations rounded to bf16), from a layout built on the first call (or when
+``torch.compile`` first sees the weight) and kept on the tensor, never saved
+(``cpu_layout``); where that layout does not fit, under ``babai_ao.cpu_kernel("exact")``
+and inside babai-ao's calibration and perplexity (``kernels.cpu_int4.exact_forwards``) the
+reference, which decodes on every call (run ``decode_model`` there before export).
+``prepare_hptq_cpu(weight, bias)`` gives the same form as a module (``prepare_cpu``).
 """
 
 from __future__ import annotations
@@ -30,28 +34,40 @@ from babai_ao._moved import old_names
 from babai_ao.errors import BabaiError
 from babai_ao.formats import huffman
 from babai_ao.formats.hptq import HPTQWeight, compute_form
+from babai_ao.kernels import cpu_hptq, cpu_int4
 
 from . import (
     integrity,
     ops,  # noqa: F401  (registers babai::hptq_linear)
 )
+from .cpu_layout import CPULayoutCache, exclude_from_pickle
 from .tensor import (
     FLOAT_DTYPES,
     BabaiQuantizedTensor,
     certificate_from_json,
     certificate_to_json,
+    cpu_int4pack_applies,
 )
 
 STREAM_NAMES = list(huffman.FIELDS)
 
 
-class HuffmanQuantizedTensor(TorchAOBaseTensor):
+class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     """An HPTQ/HRTN weight [N, K] in its stored (Huffman-coded) form."""
 
     tensor_data_names = [*STREAM_NAMES, "scale"]
     tensor_attribute_names = ["shape", "dtype"]
     # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
     optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
+    # kernels.cpu_hptq's layout (a cache, never saved: ``cpu_layout``)
+    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_sparse_rows",
+                        "cpu_sparse_cols", "cpu_sparse_val"]
+    cpu_int4pack: torch.Tensor | None = None
+    cpu_scale_zero: torch.Tensor | None = None
+    cpu_row_scale: torch.Tensor | None = None
+    cpu_sparse_rows: torch.Tensor | None = None
+    cpu_sparse_cols: torch.Tensor | None = None
+    cpu_sparse_val: torch.Tensor | None = None
 
     def __new__(cls, bitstream, symbols, lengths, offsets, header, scale, shape, dtype,
                 certificate_json=None, chunk=None, max_len=None):
@@ -101,6 +117,17 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
     def certificate(self):
         return certificate_from_json(self.certificate_json)
 
+    def cpu_layout_eligible(self) -> bool:
+        """On the CPU, ``N % 16 = 0`` and an int4pack group size dividing ``K``."""
+        n, k = (int(s) for s in self.shape)
+        return (self.bitstream.device.type == "cpu" and n % 16 == 0
+                and cpu_hptq.group_size_for(k) is not None)
+
+    def _build_cpu_layout(self) -> tuple[torch.Tensor, ...] | None:
+        """``cpu_hptq.build_layout`` of the decoded codes (``None``: too many codes off
+        their 16-code windows, or the form is off)."""
+        return cpu_hptq.build_layout(self.codes(), self.scale)
+
     @property
     def nbytes_stored(self) -> int:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size()
@@ -145,10 +172,11 @@ class HuffmanQuantizedTensor(TorchAOBaseTensor):
         return huffman.stream_problem(stream)
 
     def _stable_hash_for_caching(self) -> str:
-        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes, the CPU layout's
+        too) and the CPU kernel mode, not the values."""
         parts = [type(self).__qualname__, tuple(self.shape), str(self.dtype), self.chunk,
-                 self.max_len]
-        for name in self.tensor_data_names:
+                 self.max_len, cpu_int4.MODE]  # the mode picks the kernel
+        for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
             parts.append((name, tuple(t.shape), str(t.dtype), str(t.device)))
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
@@ -169,10 +197,19 @@ implements_torch_function = HuffmanQuantizedTensor.implements_torch_function
 @implements(torch.ops.aten.linear.default)
 @implements_torch_function(torch.nn.functional.linear)
 def _(func, types, args, kwargs):
+    """On CPU by default ``cpu_hptq.linear`` on the layout kept on the weight (int4pack on
+    each group's 16-code window + sparse correction; ``x`` rounded to bf16), built on the
+    first call; else (exact mode, other devices, a gradient for ``x``, a layer the layout
+    does not fit) ``babai::hptq_linear``."""
     x, weight, bias = fill_defaults(args, 3, [None])
     bias = kwargs.get("bias", bias) if kwargs else bias
     if not isinstance(weight, HuffmanQuantizedTensor):
         raise BabaiError("a HuffmanQuantizedTensor can only be the weight of a linear")
+    if cpu_int4pack_applies(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
+        if layout is not None:
+            k = int(weight.shape[1])
+            return cpu_hptq.linear(x, *layout, bias, k // layout[1].shape[0], k)
     return torch.ops.babai.hptq_linear(
         x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
         int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)
@@ -190,6 +227,8 @@ def _(func, types, args, kwargs):
              for n in self.tensor_data_names]
     new = HuffmanQuantizedTensor(*moved, tuple(self.shape), kw["dtype"], self.certificate_json,
                                  self.chunk, self.max_len)
+    if all(m is getattr(self, n) for m, n in zip(moved, self.tensor_data_names)):
+        self._carry_cpu_layout(new)  # a dtype cast on the same device: the same layout
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
@@ -230,4 +269,5 @@ def decode_model(model: nn.Module) -> int:
 
 
 integrity.install(HuffmanQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
+exclude_from_pickle(HuffmanQuantizedTensor)  # the CPU layout is rebuilt after loading
 torch.serialization.add_safe_globals([HuffmanQuantizedTensor, *old_names(HuffmanQuantizedTensor)])

@@ -12,7 +12,19 @@ so safetensors checkpoints load through transformers' torchao integration):
 The weight it stands for is ``W[n, k] = s[n, k//g]·(q[n, k] − z[n, k//g]) + s[n, k//g]·δ[n, k]``
 (shape [N, K]; ``transposed`` marks the logical view ``Wᵀ`` made by ``.t()``, the data stay
 as they are). Every matmul with it — ``F.linear``, ``aten.linear``, ``mm``, ``addmm`` — goes
-through :func:`babai_linear`, which calls the one custom op ``torch.ops.babai.linear``.
+through :func:`babai_linear`: on CPU, a layer the int4pack kernel holds (4-bit, groups
+32–256, ``N % 16 = 0``, no outliers) with fp32 or bf16 activations runs
+``aten._weight_int4pack_mm_for_cpu`` itself (``babai_ao.kernels.cpu_int4``: activations
+rounded to bf16, so a compiled graph calls the kernel with no custom-op round trip);
+everything else, and everything under ``babai_ao.cpu_kernel("exact")``, calls the one
+custom op ``torch.ops.babai.linear`` (exact on CPU for fp32 activations).
+
+The kernel's layout of such a weight (``cpu_int4pack``, ``cpu_scale_zero``; ≈ 4 + 32/g bits
+per weight) is built once — on the first eager call, or when ``torch.compile`` first looks
+at the tensor (``__tensor_flatten__`` under compile) — and kept on the tensor: it travels
+through compile as two more inner tensors, is carried by ``.t()``/dtype casts, rebuilt by
+an in-place ``copy_``, and is never saved (not a data name: ``torch.save``, safetensors and
+the digest see only the stored format).
 
 The certificate (``babai_ao.lattice.quantize.Certificate``) travels as ``certificate_json``, a JSON
 string attribute (pivots as a list of floats, then the scalar fields). A string keeps it
@@ -35,9 +47,11 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from babai_ao._moved import old_names
 from babai_ao.errors import BabaiError
 from babai_ao.formats.packing import pack, packed_size, unpack
+from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.quantize import Certificate, QuantizedWeight, quantize_weight
 
 from . import integrity, ops
+from .cpu_layout import CPULayoutCache, exclude_from_pickle
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,13 +82,16 @@ def certificate_from_json(text: str | None) -> Certificate | None:
                          "from the quantized model") from None
 
 
-class BabaiQuantizedTensor(TorchAOBaseTensor):
+class BabaiQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     """A b-bit group-quantized weight [N, K] (or its transpose) in babai-ao's packed format."""
 
     tensor_data_names = ["qdata", "scale", "zero_point"]
     tensor_attribute_names = ["bits", "group_size", "shape", "dtype"]
     optional_tensor_data_names = ["outlier_ptr", "outlier_idx", "outlier_val"]
     optional_tensor_attribute_names = ["transposed", "certificate_json"]
+    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero"]  # a cache: never saved
+    cpu_int4pack: torch.Tensor | None = None  # class defaults: unpickled tensors start empty
+    cpu_scale_zero: torch.Tensor | None = None
 
     def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 bits: int, group_size: int, shape: Any, dtype: torch.dtype,
@@ -123,6 +140,19 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         self.outlier_val = outlier_val
         self.transposed = transposed
         self.certificate_json = certificate_json
+
+    # ---- the CPU kernel's layout (a cache: ``cpu_layout``, module docstring) -------------
+    def cpu_int4pack_eligible(self) -> bool:
+        """A CPU weight the int4pack kernel can hold (``cpu_int4.eligible``)."""
+        return (not self.transposed and self.device.type == "cpu"
+                and cpu_int4.eligible(self.bits, self.group_size, self.out_features,
+                                      self.outlier_ptr is not None))
+
+    cpu_layout_eligible = cpu_int4pack_eligible
+
+    def _build_cpu_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(int4pack weight, scale_zero)`` (``cpu_int4.build_layout``)."""
+        return cpu_int4.build_layout(self.codes(), self.scale, self.zero_points())
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -206,7 +236,7 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
     @property
     def nbytes_stored(self) -> int:
         """Bytes of every stored data tensor (codes, scales, zeros, outliers)."""
-        names = self.__tensor_flatten__()[0]
+        names = self._stored_names()
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     @property
@@ -250,10 +280,15 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
             return f"outlier columns outside [0, {self.in_features})"
         return None
 
+    def _stored_names(self) -> list[str]:
+        """The data tensors present, without the CPU layout cache."""
+        return [n for n in integrity.data_names(type(self)) if getattr(self, n) is not None]
+
     def _stable_hash_for_caching(self) -> str:
-        """Compile-cache key: the layout (attributes, inner shapes/dtypes), not the values."""
+        """Compile-cache key: the layout (attributes, inner shapes/dtypes) and the CPU kernel
+        mode, not the values."""
         parts = [type(self).__qualname__, self.bits, self.group_size, tuple(self.shape),
-                 str(self.dtype), self.transposed]
+                 str(self.dtype), self.transposed, cpu_int4.MODE]  # the mode picks the kernel
         for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
             parts.append((name, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device)))
@@ -268,13 +303,17 @@ class BabaiQuantizedTensor(TorchAOBaseTensor):
         return f"BabaiQuantizedTensor({self._quantization_type()}, dtype={self.dtype})"
 
     def _with(self, **changes: Any) -> BabaiQuantizedTensor:
-        """A new tensor with some constructor arguments replaced."""
+        """A new tensor with some constructor arguments replaced; the CPU layout comes along
+        when the stored tensors are the same objects (a view, a dtype cast)."""
         args = {name: getattr(self, name) for name in (
             *self.tensor_data_names, *self.tensor_attribute_names,
             *self.optional_tensor_data_names, *self.optional_tensor_attribute_names)}
         args["shape"] = tuple(self.shape)
         args.update(changes)
-        return BabaiQuantizedTensor(**args)
+        out = BabaiQuantizedTensor(**args)
+        if all(getattr(out, n) is getattr(self, n) for n in integrity.data_names(type(self))):
+            self._carry_cpu_layout(out)
+        return out
 
 
 _quantize_eager = torch.compiler.disable(quantize_weight)
@@ -282,16 +321,55 @@ _quantize_eager = torch.compiler.disable(quantize_weight)
 
 def babai_linear(x: torch.Tensor, weight: BabaiQuantizedTensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
-    """``x @ Wᵀ + bias``: the single dequant-matmul entry point (``torch.ops.babai.linear``)."""
+    """``x @ Wᵀ + bias``: the single dequant-matmul entry point — the int4pack kernel on CPU
+    where it applies (:func:`cpu_int4pack_applies`), else ``torch.ops.babai.linear``."""
     if weight.transposed:
         raise BabaiError("F.linear got a transposed BabaiQuantizedTensor (weight.t()): pass "
                          "the weight itself, [out_features, in_features]")
     if isinstance(bias, BabaiQuantizedTensor):
         raise BabaiError("the bias of a quantized linear must be a plain tensor")
+    if cpu_int4pack_applies(x):
+        # eager: build the layout on the first call; compiled: it came with the weight
+        layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
+        if layout is not None:
+            mm = None
+            if torch.is_grad_enabled() and x.requires_grad:
+                def mm(x2, w4, sz):
+                    return _Int4PackMatmul.apply(x2, w4, sz, weight.qdata, weight.scale,
+                                                 weight.zero_point, weight.group_size,
+                                                 weight.in_features)
+            return cpu_int4.linear(x, *layout, bias, weight.group_size, weight.in_features, mm)
     return torch.ops.babai.linear(
         x, weight.qdata, weight.scale, weight.zero_point, bias, weight.bits,
         weight.group_size, weight.in_features, weight.outlier_ptr, weight.outlier_idx,
         weight.outlier_val)
+
+
+def cpu_int4pack_applies(x: torch.Tensor) -> bool:
+    """Mode ``"auto"`` outside ``cpu_int4.exact_forwards()`` (eager), CPU, fp32/bf16
+    activations, not exporting (export keeps ``babai::linear``)."""
+    return (cpu_int4.default_path_on() and x.device.type == "cpu"
+            and x.dtype in cpu_int4.ACTIVATION_DTYPES and not torch.compiler.is_exporting())
+
+
+class _Int4PackMatmul(torch.autograd.Function):
+    """The int4pack kernel ``x2 [M, K] bf16 → x2 @ Wᵀ`` (bf16) with ``∂/∂x2 = grad · W``,
+    ``W`` dequantized exactly from the stored codes (the aten kernel has no backward)."""
+
+    @staticmethod
+    def forward(ctx, x2, w4, scale_zero, qdata, scale, zero_point, group_size, in_features):
+        ctx.save_for_backward(qdata, scale, zero_point)
+        ctx.meta = (group_size, in_features)
+        return cpu_int4.matmul(x2, w4, scale_zero, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qdata, scale, zero_point = ctx.saved_tensors
+        group_size, in_features = ctx.meta
+        w = torch.ops.babai.dequantize(qdata, scale, zero_point, 4, group_size, in_features,
+                                       None, None, None, torch.float32)
+        grad_x = (grad.to(torch.float32) @ w).to(grad.dtype)
+        return grad_x, None, None, None, None, None, None, None
 
 
 implements = BabaiQuantizedTensor.implements
@@ -375,8 +453,8 @@ def _(func, types, args, kwargs):
     a, b = args[0], args[1]
     if not (isinstance(a, BabaiQuantizedTensor) and isinstance(b, BabaiQuantizedTensor)):
         return False
-    names_a, attrs_a = a.__tensor_flatten__()
-    names_b, attrs_b = b.__tensor_flatten__()
+    names_a, attrs_a = a._stored_names(), a.__tensor_flatten__()[1]
+    names_b, attrs_b = b._stored_names(), b.__tensor_flatten__()[1]
     return (names_a == names_b and attrs_a == attrs_b and tuple(a.shape) == tuple(b.shape)
             and all(torch.equal(getattr(a, n), getattr(b, n)) for n in names_a))
 
@@ -406,6 +484,10 @@ def _(func, types, args, kwargs):
         if getattr(dst, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
     dst.certificate_json = src.certificate_json
+    if dst.cpu_int4pack is not None:  # same shapes: refill in place (compiled graphs hold it)
+        weight, scale_zero = cpu_int4.build_layout(dst.codes(), dst.scale, dst.zero_points())
+        dst.cpu_int4pack.copy_(weight)
+        dst.cpu_scale_zero.copy_(scale_zero)
     return dst
 
 
@@ -486,4 +568,5 @@ def _linear_backward(ctx, grad):
 torch.library.register_autograd("babai::linear", _linear_backward,
                                 setup_context=_linear_setup_context)
 integrity.install(BabaiQuantizedTensor)  # digest in torch.save pickles, checked on torch.load
+exclude_from_pickle(BabaiQuantizedTensor)  # the CPU layout is rebuilt after loading
 torch.serialization.add_safe_globals([BabaiQuantizedTensor, *old_names(BabaiQuantizedTensor)])

@@ -33,6 +33,7 @@ from torch import nn
 from babai_ao.errors import BabaiError
 from babai_ao.formats import hptq
 from babai_ao.formats.allocation import RateCurve, allocate, model_error
+from babai_ao.kernels import cpu_int4
 
 from .batches import calibration_batches
 from .blocks import decoder_blocks
@@ -43,6 +44,7 @@ from .sequential import layer_hessians, quantize_model
 CURVE_OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # log2 steps around the budget's own guess
 
 
+@cpu_int4.exact_forwards()
 def output_sensitivities(model: nn.Module, calibration: Any, windows: int = 16,
                          batch_size: int = 4, blocks: str | None = None) -> dict[str, float]:
     """``w_l = Σ_{t,o} (∂L/∂Y_{l,t,o})² / tokens`` for every linear in the blocks, ``L`` the

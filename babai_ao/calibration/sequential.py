@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from babai_ao.errors import BabaiError
+from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.hessian import HessianAccumulator
 from babai_ao.lattice.quantize import quantize_weight
 
@@ -141,6 +142,7 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
     return reduce_hessians(accs), outputs  # summed over the ranks of a distributed run
 
 
+@cpu_int4.exact_forwards()  # codes must not depend on the CPU kernel mode
 def layer_hessians(model: nn.Module, calibration: Any, batch_size: int = 8,
                    blocks: str | None = None) -> dict[str, HessianAccumulator]:
     """``H = XᵀX`` of the input of every linear (``nn.Linear``, ``Conv1D``) in the blocks of
@@ -322,6 +324,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
     return rows, [] if last else result.outputs
 
 
+@cpu_int4.exact_forwards()  # codes must not depend on the CPU kernel mode
 def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str = "sequential",
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None,

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from babai_ao.ao.hptq_tensor import STREAM_NAMES, HuffmanQuantizedTensor
 from babai_ao.ao.tensor import BabaiQuantizedTensor, certificate_to_json
 from babai_ao.errors import BabaiError
+from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.hessian import damped
 
 from .blocks import run_block
@@ -209,6 +210,7 @@ def _certificate_errors(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Ten
     return error, error - lam * float(diff.pow(2).sum())
 
 
+@cpu_int4.exact_forwards()
 def tune_block(block: nn.Module, reference: nn.Module, inputs: Inputs,
                hessians: dict[str, torch.Tensor], damp: float, settings: TuneSettings
                ) -> TuneResult:

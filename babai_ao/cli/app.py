@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generate", metavar="PROMPT", help="also print a greedy continuation")
     e.add_argument("--new-tokens", type=int, default=20)
     e.add_argument("--num-layers", type=int, help="keep only the first N decoder blocks")
+    e.add_argument("--cpu-kernel", choices=("exact", "auto"), default="exact",
+                   help="CPU forwards: exact fp32 path (default; comparable with P1) or the "
+                        "default bf16-activation int4pack path (faster, slightly different)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 

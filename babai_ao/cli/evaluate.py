@@ -14,12 +14,15 @@ from .output import say
 
 
 def evaluate(model: nn.Module, tokenizer: Any, windows: int | None, seq_len: int,
-             data_file: str | None = None, progress: bool = True) -> float:
-    """Perplexity on the WikiText-2 test split (or ``data_file``)."""
+             data_file: str | None = None, progress: bool = True, cpu_kernel: str = "exact"
+             ) -> float:
+    """Perplexity on the WikiText-2 test split (or ``data_file``); ``cpu_kernel``: ``"exact"``
+    (the model's own numbers, as P1) or ``"auto"`` (``babai_ao.calibration.evaluate``)."""
     from babai_ao.calibration.data import test_tokens
     from babai_ao.calibration.evaluate import perplexity
 
-    return perplexity(model, test_tokens(tokenizer, data_file), windows, seq_len, progress)
+    return perplexity(model, test_tokens(tokenizer, data_file), windows, seq_len, progress,
+                      cpu_kernel)
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> str:
@@ -50,14 +53,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if record is not None:  # a saved cut run: the model's depth is in its record
         depth = depth.inside(Depth.of_record(record))
     ppl = evaluate(model, tokenizer, args.windows, args.seq_len, args.data_file,
-                   not args.no_progress)
+                   not args.no_progress, args.cpu_kernel)
     shown = "all" if args.windows is None else args.windows
     note = f"; {depth.note()}, not the full model" if depth.cut else ""
     say(f"perplexity {ppl:.3f} (WikiText-2 test, {shown} windows x {args.seq_len} tokens"
-        f"{note})")
+        f"{note}; CPU kernel {args.cpu_kernel})")
     if record is not None:
         record.update(ppl=ppl, windows=args.windows, seq_len=args.seq_len,
-                      ppl_num_layers=depth.kept)
+                      ppl_num_layers=depth.kept, ppl_cpu_kernel=args.cpu_kernel)
         record.pop("label", None)
         write_json(Path(args.model) / RUN_FILE, record)
     if args.generate:
