@@ -262,8 +262,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
         rows += quantize_experts(block, prefix, inputs, qkwargs)
         if tune is None:
             return rows, outputs
-    elif distributed.world_size() == 1 and lockstep.usable(block, inputs, repeated):
-        # one forward per batch, paused per stage (one process: its Hessians are not reduced)
+    elif lockstep.usable(block, inputs, repeated):
+        # one forward per batch, paused per stage; each stage's H summed over the ranks
         def quantize(stage: list[str], acc: HessianAccumulator) -> None:
             if bar is not None:
                 bar.set_postfix_str(f"{prefix}.{stage[0]}")
