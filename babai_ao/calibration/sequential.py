@@ -35,7 +35,9 @@ removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the 
 
 Called on every rank of a ``torch.distributed`` process group, the calibration windows are
 split across the ranks, each stage's Hessians are summed over them and its solves spread
-(``babai_ao.calibration.distributed``): the codes equal the single-process run's.
+(``babai_ao.calibration.distributed``), on the lockstep and the rerun path alike (lockstep:
+between stages, while the rank's forwards are paused): the codes equal the single-process
+run's.
 """
 
 from __future__ import annotations
