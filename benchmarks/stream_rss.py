@@ -40,6 +40,15 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmHWM``: peak RSS so far; ``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
 def _digest(directory: Path) -> str:
     from safetensors import safe_open
 
@@ -81,6 +90,7 @@ def child(args: argparse.Namespace) -> dict:
     base = _rss()
     base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
+    per_block: list[dict] = []
     if args.child == "memory":
         model, _ = load_smollm2(num_layers=args.num_layers)
         quantize_model(model, config, calib, progress=False)
@@ -94,8 +104,15 @@ def child(args: argparse.Namespace) -> dict:
         model = empty_model(hf)
         source = SafetensorsSource(fp32_copy_dir())
         sink = ShardWriter(out, hf.num_hidden_layers)
+
+        def trace(b: int, _model) -> None:  # before block b: the peak of blocks < b so far
+            per_block.append({"block": b, "peak_so_far": _status_kb("VmHWM") * 1024,
+                              "rss": _status_kb("VmRSS") * 1024,
+                              "seconds": time.perf_counter() - t0})
+
         quantize_model(model, config, calib, progress=False,
-                       stream=BlockStream(source, sink, lean=not args.stream_lockstep))
+                       stream=BlockStream(source, sink, lean=not args.stream_lockstep,
+                                          on_block=trace))
         sink.commit(model, source, out, config, "model.layers")
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -108,7 +125,7 @@ def child(args: argparse.Namespace) -> dict:
             "net_peak": peak - base, "seconds": seconds, "digest": _digest(out),
             "block_fp32_bytes": block, "embedding_bytes": vocab * d * 4,
             "activation_bytes": args.calib_n * args.calib_len * d * 4,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "per_block": per_block}
 
 
 def main() -> None:
