@@ -29,8 +29,9 @@ never spilled; the position embeddings and masks, equal for every batch, are kep
 + one batch's forward temporaries. For that, a streamed calibration is *lean* by default
 (``BlockStream(lean=True)``): each stage's forward reruns the block from its inputs with no
 recorded outputs (``sequential``'s rerun path, ``replay`` budget 0) instead of the lockstep
-forwards, whose paused forwards hold every batch's live activations (SmolLM2 at P1: about
-6 × the block's inputs) — same codes, more forward work. ``lean=False`` uses the
+forwards, whose paused forwards hold every batch's live activations (SmolLM2 at P1,
+measured: 2.8 GB over the 0.4 GB bound, about 19 × the block's inputs) — same codes, about
+1.5 × the forward work (BENCHMARKS.md, "Streaming: peak memory"). ``lean=False`` uses the
 in-memory defaults (lockstep; replay).
 """
 
