@@ -1,4 +1,5 @@
-"""Calibration work counted, not timed: GFLOP of linears, SDPA and Hessians, rerun vs lockstep.
+"""Calibration work counted, not timed: GFLOP of linears, SDPA and Hessians, rerun vs lockstep
+(vs rerun with no replay recordings: a lean stream, ``BlockStream(lean=True)``).
 
 Wall times on a shared machine swing by 10× (BENCHMARKS.md, calibration speed); the FLOPs
 each path spends do not. SmolLM2 cut to 2 blocks, 16 × 512 calibration tokens, batches of 8,
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as sdpa_module
 
 from babai_ao.ao.config import babai_config
-from babai_ao.calibration import lockstep
+from babai_ao.calibration import lockstep, replay
 from babai_ao.calibration.data import calibration_windows
 from babai_ao.calibration.models import load_smollm2
 from babai_ao.calibration.sequential import quantize_model
@@ -61,11 +62,13 @@ def main() -> None:
     model, tokenizer = load_smollm2(num_layers=2)
     cal = calibration_windows(tokenizer, n=16, seq_len=512)
     config = babai_config(bits=4, group_size=64, order="act", clip=True, damp=0.01)
-    for on in (False, True):
-        lockstep.LOCKSTEP = on
+    budget = replay.REPLAY_BUDGET
+    for name, on, recorded in (("rerun", False, budget), ("lockstep", True, budget),
+                               ("rerun, no replay (lean stream)", False, 0)):
+        lockstep.LOCKSTEP, replay.REPLAY_BUDGET = on, recorded
         COUNTS.clear()
         quantize_model(copy.deepcopy(model), config, cal, batch_size=8, progress=False)
-        print("lockstep" if on else "rerun", {k: round(v, 1) for k, v in sorted(COUNTS.items())},
+        print(name, {k: round(v, 1) for k, v in sorted(COUNTS.items())},
               "total", round(sum(COUNTS.values()), 1), flush=True)
 
 

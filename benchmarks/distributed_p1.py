@@ -5,13 +5,17 @@ SmolLM2-135M-Instruct fp32 on CPU, babai w4 g64 act-order, ``quantize_model`` se
 128 × 512 calibration tokens of wiki.valid.tokens (seed 0), batches of 8 windows (16
 batches: 8 per rank). Each run is a fresh process (the model loaded before the clock
 starts); the 2-process run uses ``torch.distributed`` (gloo) with the default
-``hessian_reduce="ordered"``. Records wall time of calibrate + quantize, whether the stored
+``hessian_reduce="ordered"``. Every run uses the default lockstep stage forwards
+(``calibration.lockstep``; in the 2-process run each rank runs its own batches in lockstep,
+reducing each stage's Hessian between stages); each run records how many blocks ran in
+lockstep, and ``lockstep_in_every_run`` says whether all blocks of all runs did. Records wall time of calibrate + quantize, whether the stored
 tensors (packed codes, scales, zeros) are identical (SHA-256 over all of them; against
 1 process × 1 thread, since LAPACK's fp32 Cholesky depends on the thread count), the solve
 vs forward split of the 1-process run, the bytes each rank sent/received per block, and an
 on-paper estimate of the speedup on 8 GPUs for Llama-3-8B / 70B shapes from that split.
 
     python benchmarks/distributed_p1.py --out benchmarks/results/distributed_p1.json
+    python benchmarks/distributed_p1.py --num-layers 2 --out /tmp/distributed_p1-2.json  # check
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def stored_digest(model: torch.nn.Module) -> str:
 def _run(rank: int, world: int, port: int, threads: int, args: argparse.Namespace,
          results: Any) -> None:
     from babai_ao import babai_config
+    from babai_ao.calibration import lockstep
     from babai_ao.calibration.data import calibration_windows
     from babai_ao.calibration.models import load_smollm2
     from babai_ao.calibration.sequential import quantize_model
@@ -117,6 +122,7 @@ def _run(rank: int, world: int, port: int, threads: int, args: argparse.Namespac
     calib = calibration_windows(tokenizer, n=args.calib_n, seq_len=args.calib_len)
     distributed.barrier("start")
     load0 = os.getloadavg()
+    in_lockstep = lockstep.BLOCKS_RUN
     t0 = time.perf_counter()
     report = quantize_model(model, babai_config(bits=4, group_size=64, order="act"), calib,
                             batch_size=8, progress=False)
@@ -128,6 +134,8 @@ def _run(rank: int, world: int, port: int, threads: int, args: argparse.Namespac
     results.put({"rank": rank, "world": world, "threads": threads, "seconds": seconds,
                  "report_seconds": report.seconds, "solver_seconds": report.solver_seconds,
                  "digest": stored_digest(model), "traffic_bytes": traffic,
+                 "blocks": len(model.model.layers),
+                 "lockstep_blocks": lockstep.BLOCKS_RUN - in_lockstep,
                  "errors": [r.error for r in report.rows], "load_start": load0,
                  "load_end": os.getloadavg()})
     if world > 1:
@@ -186,6 +194,8 @@ def summarize(record: dict[str, Any], runs: dict[str, list[dict[str, Any]]],
     """The comparisons that the runs so far allow."""
     two = runs["2x1"]
     record["ranks_agree"] = two[0]["digest"] == two[1]["digest"]
+    record["lockstep_in_every_run"] = all(r["lockstep_blocks"] == r["blocks"]
+                                          for rs in runs.values() for r in rs)
     record["bytes_per_block_per_rank"] = [
         {op: b / blocks for op, b in r["traffic_bytes"].items()} for r in two]
     if "1x2" in runs:

@@ -12,6 +12,11 @@ embedding)``, the activations being one copy of the hidden states ``n·T·d·4``
 
     python benchmarks/stream_rss.py                      # P1: 128×512, w4g64 act, sequential
     python benchmarks/stream_rss.py --num-layers 4       # a cut model (faster)
+    python benchmarks/stream_rss.py --modes stream --stream-lockstep   # BlockStream(lean=False)
+
+``stream`` is a lean stream by default (``BlockStream(lean=True)``: rerun path, no replay
+recordings); ``--stream-lockstep`` streams with the in-memory defaults (lockstep forwards).
+``--threads N`` sets torch's intra-op threads in the child.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ MB = 1 << 20
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmHWM``: peak RSS so far; ``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
 
 
 def _digest(directory: Path) -> str:
@@ -67,6 +81,8 @@ def child(args: argparse.Namespace) -> dict:
     calib = calibration_windows(tokenizer, n=args.calib_n, seq_len=args.calib_len, seed=0)
     config = babai_ao.babai_config(bits=4, group_size=64, order="act")
     out = Path(tempfile.mkdtemp(prefix="stream-rss-"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.replay_budget is not None:  # bytes of replayed outputs kept per block
         from babai_ao.calibration import replay
 
@@ -74,6 +90,7 @@ def child(args: argparse.Namespace) -> dict:
     base = _rss()
     base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
+    per_block: list[dict] = []
     if args.child == "memory":
         model, _ = load_smollm2(num_layers=args.num_layers)
         quantize_model(model, config, calib, progress=False)
@@ -87,18 +104,28 @@ def child(args: argparse.Namespace) -> dict:
         model = empty_model(hf)
         source = SafetensorsSource(fp32_copy_dir())
         sink = ShardWriter(out, hf.num_hidden_layers)
-        quantize_model(model, config, calib, progress=False, stream=BlockStream(source, sink))
+
+        def trace(b: int, _model) -> None:  # before block b: the peak of blocks < b so far
+            per_block.append({"block": b, "peak_so_far": _status_kb("VmHWM") * 1024,
+                              "rss": _status_kb("VmRSS") * 1024,
+                              "seconds": time.perf_counter() - t0})
+
+        quantize_model(model, config, calib, progress=False,
+                       stream=BlockStream(source, sink, lean=not args.stream_lockstep,
+                                          on_block=trace))
         sink.commit(model, source, out, config, "model.layers")
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     text = model.config.get_text_config()
     d, vocab = text.hidden_size, text.vocab_size
     block = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
-    return {"mode": args.child, "replay_budget": args.replay_budget, "base_rss": base, "peak_before_run": base_peak, "peak": peak,
+    return {"mode": args.child, "replay_budget": args.replay_budget,
+            "stream_lean": None if args.child == "memory" else not args.stream_lockstep,
+            "base_rss": base, "peak_before_run": base_peak, "peak": peak,
             "net_peak": peak - base, "seconds": seconds, "digest": _digest(out),
             "block_fp32_bytes": block, "embedding_bytes": vocab * d * 4,
             "activation_bytes": args.calib_n * args.calib_len * d * 4,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "per_block": per_block}
 
 
 def main() -> None:
@@ -110,6 +137,10 @@ def main() -> None:
     p.add_argument("--replay-budget", type=int,
                    help="bytes of recorded outputs replayed per block (default: replay's 2 GiB; "
                         "0 recomputes them, saving that memory)")
+    p.add_argument("--stream-lockstep", action="store_true",
+                   help="stream with lockstep forwards (BlockStream(lean=False)) instead of the "
+                        "lean default")
+    p.add_argument("--threads", type=int, help="torch threads in the child (default: torch's)")
     p.add_argument("--out", help="result JSON (default: benchmarks/results/stream_rss[-N].json)")
     p.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -124,6 +155,10 @@ def main() -> None:
             cmd += ["--num-layers", str(args.num_layers)]
         if args.replay_budget is not None:
             cmd += ["--replay-budget", str(args.replay_budget)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        if args.stream_lockstep:
+            cmd += ["--stream-lockstep"]
         run = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
@@ -133,6 +168,7 @@ def main() -> None:
     bound = 1.5 * (any_r["block_fp32_bytes"] + any_r["activation_bytes"]
                    + any_r["embedding_bytes"])
     summary = {"num_layers": args.num_layers, "calib": [args.calib_n, args.calib_len],
+               "threads": args.threads,
                "bound_bytes": bound, "results": results, "uptime": os.getloadavg(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if "stream" in results:

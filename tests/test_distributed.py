@@ -4,7 +4,10 @@ the windows split across the ranks, Hessian sums reduced, solves spread and broa
 The reference is ``quantize_model`` in this process on the same batches, 1 thread as in each
 rank. ``hessian_reduce="ordered"`` (the default) must give the very same stored codes,
 scales and zeros, certificates and perplexity, bit for bit, on the 2-block SmolLM2 and on a
-tiny MoE where a rank gets no token for some expert. ``"sum"`` (one fp64 all-reduce) must
+tiny MoE where a rank gets no token for some expert. The 2-block SmolLM2 is calibrated
+three ways on the ranks — lockstep forwards (the default; ``lockstep.BLOCKS_RUN`` says they
+ran), the rerun path (``LOCKSTEP = False``), and one rank each — always against the
+one-process lockstep run, with the same collectives in the same order. ``"sum"`` (one fp64 all-reduce) must
 give ``H`` as the fp64 sum rounded once (within 1e-6 of the one-process fp32 sum) and, since
 a code at a rounding boundary may then flip, a model as good, not the same codes. A rank that fails makes the other stop with a clear
 error well within the timeout, and the output directory is never written.
@@ -29,7 +32,7 @@ import torch.multiprocessing as mp
 
 import babai_ao
 from babai_ao import BabaiError
-from babai_ao.calibration import distributed
+from babai_ao.calibration import distributed, lockstep
 from babai_ao.lattice.hessian import HessianAccumulator
 
 WORLD = 2
@@ -118,18 +121,29 @@ def batches(rank: int) -> list[torch.Tensor]:
     return xs[2 * rank:2 * rank + 2]
 
 
+# the dense runs on the ranks: whether each rank uses lockstep forwards, quantize_model kwargs
+DENSE_RUNS = {"dense": (True, True), "dense-rerun": (False, False),
+              "dense-mixed": (True, False)}
+
+
 def _quantize_job(rank: int, payload: dict) -> dict:
     out = {}
-    model = copy.deepcopy(payload["model"])
-    report = babai_ao.quantize_model(model, babai_ao.babai_config(**CONFIG), payload["calib"],
-                                     batch_size=1, progress=False)
-    out["dense"] = (stored(model), rows(report), perplexity(model, payload["eval"]),
-                    list(distributed.LAST_LOG))
+    for key, use_lockstep in DENSE_RUNS.items():
+        model = copy.deepcopy(payload["model"])
+        lockstep.LOCKSTEP, before = use_lockstep[rank], lockstep.BLOCKS_RUN
+        try:
+            report = babai_ao.quantize_model(model, babai_ao.babai_config(**CONFIG),
+                                             payload["calib"], batch_size=1, progress=False)
+        finally:
+            lockstep.LOCKSTEP = True
+        out[key] = (stored(model), rows(report), perplexity(model, payload["eval"]),
+                    list(distributed.LAST_LOG), lockstep.BLOCKS_RUN - before)
     for reduce in distributed.REDUCTIONS:
-        model = tiny_moe()
+        model, before = tiny_moe(), lockstep.BLOCKS_RUN
         report = babai_ao.quantize_model(model, babai_ao.babai_config(**MOE_CONFIG), MOE_IDS,
                                          batch_size=1, progress=False, hessian_reduce=reduce)
-        out[f"moe-{reduce}"] = (stored(model), rows(report), None, list(distributed.LAST_LOG))
+        out[f"moe-{reduce}"] = (stored(model), rows(report), None, list(distributed.LAST_LOG),
+                                lockstep.BLOCKS_RUN - before)
         # the reduction itself, on known partials: 24 features, 2 batches per rank
         _, token = distributed.start([0, 1, 2, 3], reduce)
         try:
@@ -137,6 +151,10 @@ def _quantize_job(rank: int, payload: dict) -> dict:
             for x in batches(rank):
                 acc.add(x)
             out[f"H-{reduce}"] = distributed.reduce_hessians([acc])[0]
+            tiled = distributed.hessian(24, "cpu", tiles=3)  # as lockstep's hessian_tiles
+            for x in batches(rank):
+                tiled.add(x)
+            out[f"H-{reduce}-tiled"] = (tiled.tiles, distributed.reduce_hessians([tiled])[0])
         finally:
             distributed.stop(token)
     return out
@@ -158,7 +176,7 @@ def _failing_job(rank: int, payload: dict) -> None:
                 raise RuntimeError("injected failure on rank 1")
             return reduce(accs)
 
-        sequential.reduce_hessians = failing
+        sequential.reduce_hessians = lockstep.reduce_hessians = failing  # (lockstep: its stages)
     args = SimpleNamespace(model="smollm2", bits=4, group_size=64, order="act", clip="true",
                            target_bits=None, outlier_density=None, refine=0, symmetric=False,
                            exact_offset=False, mode="sequential", calib_file=None,
@@ -214,9 +232,10 @@ def both(smollm2_small, calibration_small):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = copy.deepcopy(model)
+        one, before = copy.deepcopy(model), lockstep.BLOCKS_RUN
         report = babai_ao.quantize_model(one, babai_ao.babai_config(**CONFIG), calib,
                                          batch_size=1, progress=False)
+        assert lockstep.BLOCKS_RUN - before == 2  # the reference ran in lockstep too
         moe = tiny_moe()
         with pytest.warns(UserWarning, match="received no calibration tokens"):
             moe_report = babai_ao.quantize_model(moe, babai_ao.babai_config(**MOE_CONFIG),
@@ -239,10 +258,28 @@ def test_ordered_reduction_gives_the_single_process_codes_bit_for_bit(both) -> N
     tensors, report_rows, ppl = reference["dense"]
     assert any(":" in k for k in tensors)  # the packed codes themselves are compared
     for rank in range(WORLD):  # every rank ends with the one-process model and report
-        got_tensors, got_rows, got_ppl, _ = ranks[rank]["dense"]
+        got_tensors, got_rows, got_ppl, _, lockstep_blocks = ranks[rank]["dense"]
+        assert lockstep_blocks == 2  # both blocks ran in lockstep on this rank
         assert_same_tensors(got_tensors, tensors)
         assert got_rows == report_rows  # certificates, token counts: exactly equal
         assert got_ppl == ppl
+
+
+@pytest.mark.parametrize("key", ["dense-rerun", "dense-mixed"])
+def test_rerun_path_and_mixed_paths_give_the_same_codes_and_collectives(both, key) -> None:
+    """The rerun path on both ranks, or lockstep on rank 0 and the rerun path on rank 1 (as
+    when one rank's inputs exceed ``LOCKSTEP_BUDGET``): the one-process lockstep model, and
+    the very collectives (op, bytes) of the lockstep run, in its order."""
+    ranks, reference = both
+    tensors, report_rows, ppl = reference["dense"]
+    for rank in range(WORLD):
+        got_tensors, got_rows, got_ppl, log, lockstep_blocks = ranks[rank][key]
+        assert lockstep_blocks == (2 if DENSE_RUNS[key][rank] else 0)
+        assert_same_tensors(got_tensors, tensors)
+        assert got_rows == report_rows
+        assert got_ppl == ppl
+        sequence = [(t.op, t.nbytes) for t in log]
+        assert sequence == [(t.op, t.nbytes) for t in ranks[rank]["dense"][3]]
 
 
 def test_reductions_against_float_sums(both) -> None:
@@ -251,11 +288,17 @@ def test_reductions_against_float_sums(both) -> None:
     for x in batches(0) + batches(1):
         one.add(x)
     in_order = one.hessian
+    tiled = HessianAccumulator(24, tiles=3)  # lockstep's hessian_tiles in one process
+    for x in batches(0) + batches(1):
+        tiled.add(x)
     fp64 = sum((x.T @ x).double() for x in batches(0) + batches(1))
     for rank in range(WORLD):
         ordered, summed = ranks[rank]["H-ordered"], ranks[rank]["H-sum"]
         assert ordered.tokens == summed.tokens == 4 * 16  # SUM of counts, never an average
         assert torch.equal(ordered.hessian, in_order)
+        tiles, ordered_tiled = ranks[rank]["H-ordered-tiled"]
+        assert tiles == 3 and torch.equal(ordered_tiled.hessian, tiled.hessian)
+        assert ranks[rank]["H-sum-tiled"][1].tokens == 4 * 16
         assert torch.equal(summed.hessian, fp64.float())  # one rounding of the fp64 sum
         assert (summed.hessian - in_order).abs().max() <= 1e-6 * in_order.abs().max()
     assert not torch.equal(fp64.float(), in_order)  # the two reductions do differ here
@@ -266,7 +309,7 @@ def test_fp64_sum_reduction_quantizes_as_well(both) -> None:
     calibration carries it on): both ranks agree, token counts are exact, errors close."""
     ranks, reference = both
     _, report_rows = reference["moe"]
-    got_tensors, got_rows, _, _ = ranks[0]["moe-sum"]
+    got_tensors, got_rows, _, _, _ = ranks[0]["moe-sum"]
     assert_same_tensors(ranks[1]["moe-sum"][0], got_tensors)
     assert [(r[0], r[5]) for r in got_rows] == [(r[0], r[5]) for r in report_rows]
     total, want = sum(r[1] for r in got_rows), sum(r[1] for r in report_rows)
@@ -299,7 +342,8 @@ def test_moe_with_a_rank_that_routes_no_token_to_an_expert(both) -> None:
     expert_rows = [r for r in report_rows if ".experts." in r[0]]
     assert len(expert_rows) == 2 * 2 * 8
     for rank in range(WORLD):
-        got_tensors, got_rows, _, log = ranks[rank]["moe-ordered"]
+        got_tensors, got_rows, _, log, lockstep_blocks = ranks[rank]["moe-ordered"]
+        assert lockstep_blocks == 0  # fused experts: the rerun path, reduced all the same
         assert_same_tensors(got_tensors, tensors)
         assert got_rows == report_rows
     # the case that matters happened: some expert had tokens on one rank and none on another

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 import babai_ao
+from babai_ao.calibration import lockstep
 from babai_ao.calibration.resume import CalibrationState
 from babai_ao.calibration.sequential import quantize_model
 from babai_ao.calibration.streaming import (
@@ -135,6 +136,22 @@ def test_streamed_checkpoint_equals_in_memory_one(float_dir, calib, in_memory, t
         assert torch.equal(plain(ids).logits, a)
     assert stored_bits_per_weight(out) == pytest.approx(stored_bits_per_weight(ref_dir))
     assert stored_bits_per_weight(out) > 4
+
+
+def test_lean_stream_reruns_and_a_lockstep_stream_gives_the_same_checkpoint(
+        float_dir, calib, in_memory, tmp_path):
+    """The default (lean) stream calibrates on the rerun path, no block in lockstep;
+    ``lean=False`` runs every block in lockstep, as the in-memory reference does: all three
+    checkpoints hold the same tensors."""
+    ref_dir, _ = in_memory
+    want, _ = _tensors(ref_dir)
+    for lean, in_lockstep in ((True, 0), (False, BLOCKS)):
+        before = lockstep.BLOCKS_RUN
+        _streamed(float_dir, calib, tmp_path / f"lean-{lean}", lean=lean)
+        assert lockstep.BLOCKS_RUN - before == in_lockstep
+        got, _ = _tensors(tmp_path / f"lean-{lean}")
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_only_the_current_block_is_in_memory(float_dir, calib, tmp_path):

@@ -189,9 +189,10 @@ class RankHessian(HessianAccumulator):
     """This rank's share of a layer's ``H``: its batches' partials ``X_bᵀX_b`` in batch order
     (``ordered``) or their fp64 sum (``sum``); ``tokens`` counts this rank's rows."""
 
-    def __init__(self, in_features: int, device: torch.device | str, reduce: str) -> None:
+    def __init__(self, in_features: int, device: torch.device | str, reduce: str,
+                 tiles: int = 1) -> None:
         self.in_features, self.dtype, self.device = in_features, torch.float32, device
-        self.tokens, self.reduce = 0, reduce
+        self.tokens, self.reduce, self.tiles = 0, reduce, tiles
         self.partials: list[torch.Tensor] = []
         self.sum64: torch.Tensor | None = None
 
@@ -206,13 +207,17 @@ class RankHessian(HessianAccumulator):
         self.tokens += tokens
 
 
-def hessian(in_features: int, device: torch.device | str) -> HessianAccumulator:
+def hessian(in_features: int, device: torch.device | str, tiles: int = 1
+            ) -> HessianAccumulator:
     """A new accumulator for one layer input: this rank's share inside a distributed
-    calibration, a plain ``HessianAccumulator`` otherwise."""
+    calibration, a plain ``HessianAccumulator`` otherwise (``tiles``: each batch's
+    ``X_bᵀX_b`` formed tile-wise, ``lattice.hessian.add_gram_tiles_``). Create it on the
+    thread that called ``quantize_model`` (the group is a context variable; a new thread
+    does not see it); ``add`` may run on any thread."""
     group = _ACTIVE.get()
     if group is None:
-        return HessianAccumulator(in_features, device=device)
-    return RankHessian(in_features, device, group.reduce)
+        return HessianAccumulator(in_features, device=device, tiles=tiles)
+    return RankHessian(in_features, device, group.reduce, tiles)
 
 
 AccT = TypeVar("AccT", dict, list)

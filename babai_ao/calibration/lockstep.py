@@ -22,6 +22,15 @@ products in the same order: the Hessians, codes and block outputs are bit-identi
 rerun path (``LOCKSTEP = False``). The threads are paused call stacks, not parallelism:
 only one runs at a time (torch's own intra-op threads do the arithmetic).
 
+In a ``torch.distributed`` calibration (``distributed``) each rank runs its own batches in
+lockstep. The controller — the thread that called ``quantize_model``, never a paused
+forward — reduces stage ``s``'s Hessian over the ranks (``distributed.reduce_hessians``)
+once its own forwards all wait at ``s``, then quantizes the stage (solves spread,
+``distributed.solve_spread``): one reduction and one stage's solves per stage, in stage
+order, on every rank, whatever its number of batches or tokens. Those are the collectives
+the rerun path makes for the same block, with the same partial sums, so a rank whose
+inputs exceed the budget below (it uses the rerun path) still matches ranks that do not.
+
 Opt-in speed-ups that change the arithmetic (so codes may differ from the rerun path):
 ``forward_dtype=torch.bfloat16`` runs the forwards under autocast, each quantized linear as a
 dense ``bfloat16`` copy of its dequantized weight (the installed weight is unchanged), while
@@ -49,10 +58,12 @@ from babai_ao.lattice.hessian import HessianAccumulator, hessian_tiles
 
 from .batches import token_rows
 from .blocks import StopForward, run_block
+from .distributed import hessian, reduce_hessians
 from .layers import in_features
 
 LOCKSTEP = True  # tests turn it off to compare against the rerun path
 LOCKSTEP_BUDGET = 8 * 2**30  # bytes: 8 × a block's input tensors must fit (SmolLM2 P1: 1.2 GB)
+BLOCKS_RUN = 0  # blocks calibrated in lockstep by this process (tests check the path taken)
 
 Inputs = Sequence[tuple[torch.Tensor, tuple, dict]]
 
@@ -119,15 +130,17 @@ def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tens
                     keep_outputs: bool, forward_dtype: torch.dtype | None = None,
                     tiled: bool = False) -> list[torch.Tensor]:
     """Run every batch through ``block`` once, calling ``quantize(stage, H)`` when all
-    batches have reached the stage; returns the block outputs (none if not ``keep_outputs``).
+    batches have reached the stage (``H`` summed over the ranks of a distributed
+    calibration); returns the block outputs (none if not ``keep_outputs``).
     ``forward_dtype``, ``tiled``: the opt-in speed-ups of the module docstring.
     """
+    global BLOCKS_RUN
     modules = dict(block.named_modules())
     accs = []
-    for stage in stages:
+    for stage in stages:  # created here, on the controller: it holds the distributed group
         k = in_features(modules[stage[0]])
-        accs.append(HessianAccumulator(k, device=modules[stage[0]].weight.device,
-                                       tiles=hessian_tiles(k) if tiled else 1))
+        accs.append(hessian(k, modules[stage[0]].weight.device,
+                            tiles=hessian_tiles(k) if tiled else 1))
     paused = threading.Semaphore(0)
     forwards = [_Forward(block, inp, mask, paused, forward_dtype)
                 for inp, mask in zip(inputs, masks)]
@@ -164,11 +177,14 @@ def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tens
                     raise BabaiError(f"batch {i} {where} before reaching {stage[0]}: the block "
                                      "runs its linears in a data-dependent order; set "
                                      "babai_ao.calibration.lockstep.LOCKSTEP = False")
-            quantize(stage, accs[s])
+            # every forward of this rank is paused: reduce over the ranks (a no-op in one
+            # process) on this thread, in stage order, then quantize
+            quantize(stage, reduce_hessians([accs[s]])[0])
             for name in stage:  # the rest of the block's forwards: dense dequantized copies
                 if isinstance(modules[name], nn.Linear):
                     _dense_forward(modules[name], forward_dtype or _float_dtype(modules[name]))
                     dense.append(modules[name])
+        BLOCKS_RUN += 1
         if not keep_outputs:
             return []
         for i, fwd in enumerate(forwards):

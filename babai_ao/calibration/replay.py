@@ -37,11 +37,13 @@ class Replay:
     """Outputs of a block's quantized linears, per calibration batch, replayed in the later
     stage forwards of the same block (``batch`` is set by ``_collect`` before each batch).
 
-    Recordings stop at ``REPLAY_BUDGET`` bytes (the rest is recomputed, as without replay),
-    and a linear's recordings are dropped once the module around it is replayed whole.
+    Recordings stop at ``budget`` bytes (``None``: ``REPLAY_BUDGET``; the rest is recomputed,
+    as without replay), and a linear's recordings are dropped once the module around it is
+    replayed whole.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = REPLAY_BUDGET if budget is None else budget
         self.batch = 0
         self.outputs: dict[str, dict[int, tuple[Any, tuple[int, ...]]]] = {}
         self.watched: set[str] = set()
@@ -83,7 +85,7 @@ class Replay:
             if recorded is not None:
                 self.nbytes -= _nbytes(recorded[0])
                 del seen[self.batch]
-            if self.nbytes + size <= REPLAY_BUDGET:
+            if self.nbytes + size <= self.budget:
                 seen[self.batch] = (out, _versions(out))
                 self.nbytes += size
             return out

@@ -28,12 +28,16 @@ Memory is one block's activations: inputs and outputs of all calibration windows
 ``REPLAY_BUDGET`` bytes of recorded outputs while the block is calibrated (lockstep: the
 paused forwards' live activations instead, ``lockstep.LOCKSTEP_BUDGET``) — plus the model,
 unless it is streamed (``stream=``: ``streaming.BlockStream`` reads each block only while it
-is calibrated, then writes and frees it). Hooks are always
+is calibrated, then writes and frees it; a lean stream, the default, also uses the rerun
+path with nothing recorded, so only one batch's forward temporaries come on top of the
+block's inputs and outputs). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
 
 Called on every rank of a ``torch.distributed`` process group, the calibration windows are
 split across the ranks, each stage's Hessians are summed over them and its solves spread
-(``babai_ao.calibration.distributed``): the codes equal the single-process run's.
+(``babai_ao.calibration.distributed``), on the lockstep and the rerun path alike (lockstep:
+between stages, while the rank's forwards are paused): the codes equal the single-process
+run's.
 """
 
 from __future__ import annotations
@@ -255,11 +259,12 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
                      bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None,
                      tuning_log: list[dict[str, Any]] | None = None,
-                     fast: dict[str, Any] | None = None
+                     fast: dict[str, Any] | None = None, lean: bool = False
                      ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block). ``tune``: the block's float copy and the
-    settings of block tuning (``tuning``), run once the codes are fixed."""
+    settings of block tuning (``tuning``), run once the codes are fixed. ``lean``: least
+    activation memory — the rerun path with nothing recorded for replay (same codes)."""
     rows: list[LayerReport] = []
     hessians: dict[str, torch.Tensor] | None = {} if tune is not None else None
     if mode == "observe":
@@ -271,8 +276,8 @@ def _calibrate_block(block: nn.Module, prefix: str,
         rows += quantize_experts(block, prefix, inputs, qkwargs, masks=masks)
         if tune is None:
             return rows, outputs
-    elif distributed.world_size() == 1 and lockstep.usable(block, inputs, repeated):
-        # one forward per batch, paused per stage (one process: its Hessians are not reduced)
+    elif not lean and lockstep.usable(block, inputs, repeated):
+        # one forward per batch, paused per stage; each stage's H summed over the ranks
         def quantize(stage: list[str], acc: HessianAccumulator) -> None:
             if bar is not None:
                 bar.set_postfix_str(f"{prefix}.{stage[0]}")
@@ -287,9 +292,9 @@ def _calibrate_block(block: nn.Module, prefix: str,
         if fast:
             raise BabaiError(f"{prefix}: forward_dtype / hessian_tiles need the lockstep "
                              "forwards, which this block cannot use (a linear called twice, "
-                             "fused experts, or inputs over lockstep.LOCKSTEP_BUDGET): leave "
-                             "them unset")
-        replay = Replay()
+                             "fused experts, inputs over lockstep.LOCKSTEP_BUDGET, or a lean "
+                             "stream: BlockStream(lean=False) allows them): leave them unset")
+        replay = Replay(budget=0 if lean else None)
         modules = dict(block.named_modules())
         try:
             for stage in stages:
@@ -345,6 +350,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     ``stream``: a ``streaming.BlockStream`` for a model built on the meta device
     (``streaming.empty_model``): each block is read from the checkpoint, quantized, handed to
     the stream's sink and freed; with a saved state the run resumes after its last block.
+    A lean stream (the default) calibrates with the rerun path and no replay recordings
+    (least activation memory; same codes, more forward work).
     ``tune``: ``TuneSettings(steps=…)`` tunes each block's scales, norms and biases to its
     float outputs once its codes are fixed (``babai_ao.calibration.tuning``; codes and bits
     unchanged; ``None`` or ``steps=0``: off).
@@ -419,7 +426,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                                              repeated, qkwargs, config,
                                              last=b == len(stack) - 1, bar=bar,
                                              tune=None if reference is None else (reference, tune),
-                                             tuning_log=report.tuning, fast=fast)
+                                             tuning_log=report.tuning, fast=fast,
+                                             lean=stream is not None and stream.lean)
             del reference
             report.rows += rows
             inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]

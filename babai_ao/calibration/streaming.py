@@ -25,7 +25,14 @@ the values equal ``from_pretrained(..., gguf_file=...)``'s).
 Resident memory: one block's weights (float, then quantized) + the calibration activations
 (inputs and outputs of one block for all windows: they stay in memory, ``2·n·T·d·4`` bytes,
 never spilled; the position embeddings and masks, equal for every batch, are kept once:
-``shared_inputs``) + the non-block parameters only while the first block's inputs are captured.
+``shared_inputs``) + the non-block parameters only while the first block's inputs are captured
++ one batch's forward temporaries. For that, a streamed calibration is *lean* by default
+(``BlockStream(lean=True)``): each stage's forward reruns the block from its inputs with no
+recorded outputs (``sequential``'s rerun path, ``replay`` budget 0) instead of the lockstep
+forwards, whose paused forwards hold every batch's live activations (SmolLM2 at P1,
+measured: 2.8 GB over the 0.4 GB bound, about 19 × the block's inputs) — same codes, about
+1.5 × the forward work (BENCHMARKS.md, "Streaming: peak memory"). ``lean=False`` uses the
+in-memory defaults (lockstep; replay).
 """
 
 from __future__ import annotations
@@ -207,16 +214,19 @@ class BlockStream:
     ``sink``: receives each finished block (``None``: the quantized blocks are dropped);
     ``state``: a ``CalibrationState`` to record finished blocks in and resume from.
     ``on_block(b, model)``: called after block ``b`` is loaded (tests use it to check that
-    every other block is on ``meta``, or to simulate a crash).
+    every other block is on ``meta``, or to simulate a crash). ``lean``: calibrate with the
+    least activation memory (the module docstring; codes unchanged).
     """
 
     def __init__(self, source: WeightSource, sink: BlockSink | None = None,
                  state: CalibrationState | None = None,
-                 on_block: Callable[[int, nn.Module], None] | None = None) -> None:
+                 on_block: Callable[[int, nn.Module], None] | None = None,
+                 lean: bool = True) -> None:
         self.source = source
         self.sink = sink
         self.state = state
         self.on_block = on_block
+        self.lean = lean
         self.resumed_from = 0
         self._model: nn.Module | None = None
         self._stack: nn.ModuleList | None = None

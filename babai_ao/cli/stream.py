@@ -81,7 +81,8 @@ def quantize_streamed(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         sink.commit(model, source, tmp, config, path)
         record["avg_bits_per_weight"] = stored_bits_per_weight(tmp)
         record["stream"] = {"checkpoint": str(checkpoint), "resumed_from_block":
-                            stream.resumed_from, "save_state": args.save_state}
+                            stream.resumed_from, "save_state": args.save_state,
+                            "lean": stream.lean}
         record.update(Depth(kept, total).fields())
         tokenizer.save_pretrained(tmp)
         write_json(tmp / RUN_FILE, record)
