@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from babai_ao.kernels.cpu_int4 import exact_forwards
 
 from babai_ao.errors import BabaiError
 
@@ -48,7 +49,7 @@ def greedy_eager(model: torch.nn.Module, prompt: Sequence[int], n_new: int,
     wrapper = static_cache_module(model, max_cache_len)
 
     def step(tok: int, pos: int) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), exact_forwards():  # the exported graphs' exact arithmetic
             ids, cache_position = _ids(tok, pos)
             return wrapper(input_ids=ids, cache_position=cache_position)[0, -1]
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from babai_ao.kernels.cpu_int4 import exact_forwards
 from torch import nn
 
 from babai_ao import BabaiError, HessianAccumulator, quantize_weight
@@ -45,7 +46,7 @@ def input_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[str, tor
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: accs[n].add(a[0]))
                for n, m in linears(model).items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exact_forwards():  # the model's exact fp32 numbers
             for ids in calibration.split(BATCH):
                 model.model(input_ids=ids, use_cache=False)  # no lm_head: not needed
     finally:

@@ -9,6 +9,7 @@ the outputs the model gave before it was saved.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,8 +51,9 @@ LOAD = textwrap.dedent("""
 
 def test_pre_layout_checkpoints_load_with_the_same_outputs(tmp_path: Path) -> None:
     out = tmp_path / "loaded.pt"
+    env = {**os.environ, "BABAI_CPU_KERNEL": "exact"}  # the outputs saved were exact fp32
     run = subprocess.run([sys.executable, "-c", LOAD, str(FIXTURE), str(out)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     got = torch.load(out, weights_only=True)
     want = torch.load(FIXTURE / "expected.pt", weights_only=True)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from babai_ao.errors import BabaiError
+from babai_ao.kernels.cpu_int4 import exact_forwards
 
 from .output import say
 from .sources import load_model
@@ -76,7 +77,7 @@ def export_gguf(model: nn.Module, source: str, mode: str, path: Path, example: t
     save_gguf(model, path, mode=mode, source=gguf_source, blocks=blocks)
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                 dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad(), exact_forwards():  # eager = the model's own (exact) numbers
         diff = (back(input_ids=example).logits - model(input_ids=example).logits).abs().max()
     mib = path.stat().st_size / 2**20
     return (f"wrote {path} ({mib:.1f} MiB, GGUF {mode}); read back by transformers: max "
@@ -164,7 +165,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: Path, seq_l
             loaded = AutoModelForCausalLM.from_pretrained(
                 tmp, dtype=torch.float32,
                 quantization_config=CompressedTensorsConfig(dequantize=True))
-        with torch.no_grad():
+        with torch.no_grad(), exact_forwards():  # eager = the model's own (exact) numbers
             diff = (loaded(input_ids=example).logits - model(input_ids=example).logits).abs()
         groups = read_quantization_config(tmp)["config_groups"]
     weights = [g["weights"] for g in groups.values()]
