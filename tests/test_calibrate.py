@@ -227,11 +227,10 @@ def test_replay_gives_the_same_model(smollm2_small, calibration_small, sequentia
     assert [r.error for r in report.rows] == [r.error for r in replayed_report.rows]
 
 
-def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
+def test_replay_recomputes_an_output_changed_in_place():
     """A replayed output is reused only while untouched; after an in-place write downstream
     (or with no budget to record) the linear is computed again: every forward sees the true
     value."""
-    from babai_ao.calibration import replay as replay_module
     from babai_ao.calibration.replay import Replay
 
     class Counting(nn.Linear):
@@ -257,8 +256,7 @@ def test_replay_recomputes_an_output_changed_in_place(monkeypatch):
         toy, x = Toy(inplace), torch.randn(3, 4)
         with torch.no_grad():
             ref = toy(x)
-            replay = Replay()
-            monkeypatch.setattr(replay_module, "REPLAY_BUDGET", budget)  # 0: nothing recorded
+            replay = Replay(budget=budget)  # 0: nothing recorded
             replay.watch(toy.a, "a")
             Counting.computed = 0
             outs = [toy(x) for _ in range(3)]

@@ -16,6 +16,16 @@ from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.lattice.grid import dequantize as grid_dequantize
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _exact_cpu_kernel():
+    """References are the model's exact fp32 numbers (the default CPU path rounds
+    activations to bf16: tests/test_cpu_default_path.py)."""
+    from babai_ao import cpu_kernel
+
+    with cpu_kernel("exact"):
+        yield
+
+
 def mlp(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(),
