@@ -181,7 +181,7 @@ def test_cut_run_labelled_in_cli_record_report_and_plots(capsys, tmp_path):
     assert cli.main(["eval", str(run), "--windows", "1", "--seq-len", "64",
                      "--no-progress"]) == 0
     line = capsys.readouterr().out
-    assert re.search(rf"perplexity [0-9.]+ \(.*cut model: {CUT}, not the full model\)", line)
+    assert re.search(rf"perplexity [0-9.]+ \(.*cut model: {CUT}, not the full model[;)]", line)
     assert json.loads((run / RUN_FILE).read_text())["ppl_num_layers"] == 2
 
     assert cli.main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
