@@ -30,3 +30,15 @@ def calibration_small(smollm2_small) -> torch.Tensor:
     from babai_ao.calibration.data import calibration_windows
 
     return calibration_windows(smollm2_small[1], n=4, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def exact_cpu_kernel():
+    """The whole module under ``babai_ao.cpu_kernel("exact")``: for tests whose references
+    are a quantized model's exact fp32 numbers (exported graphs keep ``babai::linear``; the
+    default CPU path rounds activations to bf16: tests/test_cpu_default_path.py). Use with
+    ``pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")``."""
+    from babai_ao import cpu_kernel
+
+    with cpu_kernel("exact"):
+        yield

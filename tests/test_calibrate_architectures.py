@@ -20,15 +20,7 @@ from babai_ao.calibration.discovery import find_blocks
 from babai_ao.calibration.layers import is_quantizable, weight_matrix
 from babai_ao.calibration.sequential import layer_hessians, quantize_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """References are the model's exact fp32 numbers (the default CPU path rounds
-    activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 GROUP = 32
 

@@ -45,15 +45,7 @@ from babai_ao.checkpoints.compressed_tensors import (
     to_signed,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """References are the model's exact fp32 numbers (the default CPU path rounds
-    activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 

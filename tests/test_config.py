@@ -15,15 +15,7 @@ from babai_ao.ao.config import BabaiConfig, babai_config
 from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.lattice.grid import dequantize as grid_dequantize
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """References are the model's exact fp32 numbers (the default CPU path rounds
-    activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 
 def mlp(seed: int = 0) -> torch.nn.Sequential:

@@ -24,15 +24,7 @@ from babai_ao.ao.embedding import babai_embedding_config
 from babai_ao.ao.tensor import BabaiQuantizedTensor
 from babai_ao.errors import BabaiError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """Exported programs keep ``babai::linear`` (the exact path): eager references too
-    (the default CPU path rounds activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 torch.set_num_threads(1)
 V, D = 1024, 128

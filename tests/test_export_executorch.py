@@ -23,15 +23,7 @@ from babai_ao.export.executorch import load_method, run_pte
 
 from babai_ao.errors import BabaiError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """Exported programs keep ``babai::linear`` (the exact path): eager references too
-    (the default CPU path rounds activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 pytest.importorskip("executorch")
 torch.set_num_threads(1)

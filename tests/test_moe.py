@@ -19,15 +19,7 @@ from babai_ao.ao.reference import dequantized_model
 from babai_ao.calibration import experts as moe
 from babai_ao.calibration.blocks import calibration_batches, decoder_blocks, first_block_inputs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exact_cpu_kernel():
-    """References are the model's exact fp32 numbers (the default CPU path rounds
-    activations to bf16: tests/test_cpu_default_path.py)."""
-    from babai_ao import cpu_kernel
-
-    with cpu_kernel("exact"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_kernel")  # exact references
 
 
 FAMILIES = {
