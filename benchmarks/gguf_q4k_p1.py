@@ -122,7 +122,7 @@ def main() -> int:
     what.add_argument("--gguf", help="evaluate this GGUF file")
     what.add_argument("--babai", action="store_true", help="Babai Q4_K/Q5_0, sequential")
     p.add_argument("--imatrix", action="store_true", help="llama.cpp with an importance matrix")
-    p.add_argument("--grid-fit", choices=("minmax", "weighted", "best"), default="minmax",
+    p.add_argument("--grid-fit", choices=("minmax", "weighted", "best"), default="best",
                    help="--babai: grids from each block's range, diag(H)-weighted, "
                         "or the better of the two per layer")
     p.add_argument("--llama-python", default=".venv-llama/bin/python")

@@ -97,10 +97,28 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
             return lambda: _smollm2(dtype, args.layers)
         return lambda: _llama(args.model.removeprefix("llama-"), dtype, args.generate or 8)
 
+    def quantized(tag: str, dtype, config) -> nn.Module:
+        """``base(dtype)`` quantized with ``config``, from ``--cache`` when it is there
+        (quantizing a 1B model, or HRTN's rate search, takes minutes: not in a timing
+        window)."""
+        cached = None
+        if args.cache:
+            layers = args.layers if args.model == "smollm2" else ""
+            cached = (Path(args.cache) / f"{args.model}-{layers}-{tag}-"
+                      f"{str(dtype).removeprefix('torch.')}.pt")
+            if cached.is_file():
+                return torch.load(cached, weights_only=False)
+        m = base(dtype)()
+        quantize_(m, config, filter_fn=only)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(m, cached.with_suffix(".tmp"))
+            cached.with_suffix(".tmp").replace(cached)  # never a half-written cache file
+        return m
+
     def babai(dtype, prepare=False):
         def build():
-            m = base(dtype)()
-            quantize_(m, babai_config(bits=4, group_size=gs), filter_fn=only)
+            m = quantized(f"w4g{gs}", dtype, babai_config(bits=4, group_size=gs))
             if prepare:
                 prepare_cpu(m)
             return m
@@ -108,18 +126,7 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
     def hptq(dtype, prepare=False):
         def build():
-            cached = None
-            if args.cache:  # HRTN's rate search is slow (minutes per 100 M weights)
-                cached = (Path(args.cache) / f"{args.model}-{args.layers}-hptq3.3-"
-                          f"{str(dtype).removeprefix('torch.')}.pt")
-            if cached is not None and cached.is_file():
-                m = torch.load(cached, weights_only=False)
-            else:
-                m = base(dtype)()
-                quantize_(m, babai_config(clip="hptq", target_bits=3.3), filter_fn=only)
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(m, cached)
+            m = quantized("hptq3.3", dtype, babai_config(clip="hptq", target_bits=3.3))
             if prepare:
                 prepare_cpu(m)  # int4pack + sparse where it pays, else 8-bit rows
             return m
@@ -254,7 +261,9 @@ def main() -> None:
     p.add_argument("--exact", action="store_true", help="add the exact fp32 path (slow)")
     p.add_argument("--no-hptq", action="store_true")
     p.add_argument("--cache", metavar="DIR",
-                   help="keep the HPTQ-quantized model here (torch.save) and reuse it")
+                   help="keep the quantized models here (torch.save) and reuse them")
+    p.add_argument("--build-cache", action="store_true",
+                   help="only build the --cache files of the selected variants, time nothing")
     p.add_argument("--only", help="comma-separated substrings: keep matching variants")
     p.add_argument("--json")
     args = p.parse_args()
@@ -266,6 +275,16 @@ def main() -> None:
         keys = args.only.split(",")
         builders = {k: v for k, v in builders.items() if k in ("fp32", "bf16") or any(
             s in k for s in keys)}
+    if args.build_cache:
+        if not args.cache:
+            p.error("--build-cache needs --cache DIR")
+        for name, (build, _) in builders.items():
+            if name.startswith("babai") and "prepare_cpu" not in name:
+                t0 = time.perf_counter()
+                build()
+                gc.collect()
+                print(f"{name}: cached in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
     per_call = args.generate or args.steps
     rows: dict[str, dict] = {}
     record = {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

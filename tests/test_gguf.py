@@ -431,6 +431,28 @@ def test_best_grid_fit_keeps_the_lower_output_error(k):
         M.quantize_block_weight(w, h, grid_fit="nope")
 
 
+@pytest.mark.parametrize("k", [256, 96])
+def test_best_grid_fit_solves_once_where_the_grids_coincide(k, monkeypatch):
+    """Where the weighted fit gives the min-max grid, ``"best"`` solves once (that result);
+    without a Hessian it is min-max (nothing to weight by); it is the default."""
+    import inspect
+
+    from babai_ao.checkpoints import gguf_model as M
+
+    w, h = uneven_layer(16, k, seed=13)
+    assert inspect.signature(M.quantize_block_weight).parameters["grid_fit"].default == "best"
+    minmax = M.quantize_block_weight(w, h, grid_fit="minmax")
+    fit, solve, solves = M._fit_grid, M._solve_on_grid, []
+    monkeypatch.setattr(M, "_fit_grid", lambda weight, a: fit(weight, None))
+    monkeypatch.setattr(M, "_solve_on_grid", lambda *a: solves.append(1) or solve(*a))
+    blocks, q = M.quantize_block_weight(w, h)
+    assert len(solves) == 1
+    assert np.array_equal(blocks.data, minmax[0].data) and torch.equal(q, minmax[1])
+    monkeypatch.undo()
+    rtn = M.quantize_block_weight(w, None)
+    assert np.array_equal(rtn[0].data, M.quantize_block_weight(w, None, grid_fit="minmax")[0].data)
+
+
 @pytest.mark.parametrize("grid_fit", ["minmax", "best"])
 def test_q4_k_model_file_decodes_to_the_model(tmp_path, grid_fit):
     """Sequential calibration onto Q4_K/Q5_0, written as GGUF: every tensor decodes (gguf-py)

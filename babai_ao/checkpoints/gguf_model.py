@@ -24,7 +24,8 @@ bits, so the grid is a ``BlockGrid`` (any width) and the codes go straight to GG
 nearest plane on exactly that grid, then installs the weight the blocks decode to, as a plain
 float32 tensor (the model computes with exactly what llama.cpp reads) and keeps the encoded
 blocks (``GGUFBlocks``). ``grid_fit="weighted"`` fixes the grids by llama.cpp's
-importance-matrix criterion instead (``gguf_fit``, from the same Hessian). ``quantize_q4_k_model`` runs the sequential calibration and returns
+importance-matrix criterion instead (``gguf_fit``, from the same Hessian); ``"best"`` (the
+default: P1 21.141 vs 21.222 min-max) keeps per layer whichever leaves the lower output error. ``quantize_q4_k_model`` runs the sequential calibration and returns
 them by parameter name, for ``save_gguf(model, path, mode="q4_k", blocks=...)``, which checks
 that gguf-py decodes every one to the model's weight before it writes the file.
 """
@@ -44,7 +45,7 @@ from babai_ao.lattice.grid import Grid
 from babai_ao.lattice.quantize import Certificate, quantize_weight
 
 from .gguf_fit import fit_q4_k_weighted, fit_q5_0, importance
-from .gguf_q4k import BLOCK_BYTES, SUPER, encode_q4_k, quantize_q4_k
+from .gguf_q4k import BLOCK_BYTES, SUPER, Q4KGrid, encode_q4_k, fit_q4_k, quantize_q4_k
 
 Q5_BLOCK = 32
 Q5_BYTES = 2 + 4 + Q5_BLOCK // 2  # d, 32 high bits, 16 bytes of low nibbles
@@ -105,46 +106,77 @@ def encode_q5_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     return torch.cat(parts, dim=-1).reshape(n, g * Q5_BYTES).numpy()
 
 
+def _fit_grid(weight: torch.Tensor, a: torch.Tensor | None) -> Q4KGrid | torch.Tensor:
+    """The grid of ``block_type(K)`` for ``weight``: Q4_K's ``Q4KGrid``, Q5_0's fp16 scales
+    [N, K/32]; min-max when ``a`` (importance) is ``None``, else fitted against ``a``."""
+    if block_type(weight.shape[1]) == "Q4_K":
+        return fit_q4_k(weight) if a is None else fit_q4_k_weighted(weight, a)
+    return q5_0_minmax_scales(weight) if a is None else fit_q5_0(weight, a)
+
+
+def q5_0_minmax_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Q5_0's min-max scales: ``d = max|w| / 16`` per group of 32, in fp16 (the symmetric
+    5-bit grid's own scale rule, ``BlockGrid(bits=5, symmetric=True)``)."""
+    grid = BlockGrid(bits=5, symmetric=True, clip=True, scale_dtype=torch.float16)
+    n, k = weight.shape
+    return grid.fit(weight.detach().reshape(n * k // Q5_BLOCK, Q5_BLOCK))[0].reshape(n, -1)
+
+
+def _same_grid(a: Q4KGrid | torch.Tensor, b: Q4KGrid | torch.Tensor) -> bool:
+    if isinstance(a, Q4KGrid):
+        return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("d", "dmin", "sc", "m"))
+    return torch.equal(a, b)
+
+
+def _solve_on_grid(weight: torch.Tensor, hessian: torch.Tensor | None,
+                   grid: Q4KGrid | torch.Tensor, order: str, damp: float, block_size: int
+                   ) -> tuple[GGUFBlocks, torch.Tensor]:
+    """Babai on the fixed ``grid`` (``_fit_grid``): the blocks and the weight they decode to."""
+    kind = block_type(weight.shape[1])
+    if kind == "Q4_K":
+        q4 = quantize_q4_k(weight, hessian, grid=grid, order=order, damp=damp,
+                           block_size=block_size)
+        data, decoded, cert = encode_q4_k(q4), q4.dequantize(), q4.certificate
+    else:
+        fixed = BlockGrid(bits=5, symmetric=True, clip=True, scale_dtype=torch.float16)
+        qw = quantize_weight(weight.detach(), hessian, group_size=Q5_BLOCK, order=order,
+                             damp=damp, block_size=block_size, grid=fixed, scales=grid,
+                             zeros=torch.full_like(grid, Q5_ZERO))
+        data, decoded, cert = encode_q5_0(qw.codes, qw.scales), qw.dequantize(), qw.certificate
+    cert = dataclasses.replace(cert, bits_per_weight=BITS[kind])
+    return GGUFBlocks(kind, data, cert), decoded.to(torch.float32)
+
+
 def quantize_block_weight(weight: torch.Tensor, hessian: torch.Tensor | None, *,
                           order: str = "act", damp: float = 0.01, block_size: int = 128,
-                          grid_fit: str = "minmax") -> tuple[GGUFBlocks, torch.Tensor]:
+                          grid_fit: str = "best") -> tuple[GGUFBlocks, torch.Tensor]:
     """Babai on the GGUF grid of ``weight`` [N, K] (``block_type(K)``): its blocks, and the
     float32 weight they decode to (``hessian=None``: round-to-nearest on that grid).
 
     ``grid_fit``: ``"minmax"`` takes each group's grid from its range; ``"weighted"`` from
     the ``diag H``-weighted rounding error (``gguf_fit``, llama.cpp's importance-matrix
-    criterion; needs the Hessian); ``"best"`` runs Babai on both and keeps the one whose
-    output error ``tr((W−Q) H (W−Q)ᵀ)`` (the certificate's ``error``) is lower."""
+    criterion; needs the Hessian); ``"best"`` (default) runs Babai on both and keeps the one
+    whose output error ``tr((W−Q) H (W−Q)ᵀ)`` (the certificate's ``error``) is lower — one
+    solve where the two grids coincide, and min-max alone without a Hessian (nothing to
+    weight by)."""
     if grid_fit not in GRID_FITS:
         raise BabaiError(f"grid_fit={grid_fit!r} is unknown: choose one of {GRID_FITS}")
-    if grid_fit != "minmax" and hessian is None:
-        raise BabaiError(f"grid_fit={grid_fit!r} needs the layer's Hessian (calibration "
+    if grid_fit == "weighted" and hessian is None:
+        raise BabaiError("grid_fit='weighted' needs the layer's Hessian (calibration "
                          "data): calibrate, or use grid_fit='minmax'")
-    if grid_fit == "best":
-        tried = [quantize_block_weight(weight, hessian, order=order, damp=damp,
-                                       block_size=block_size, grid_fit=fit)
-                 for fit in ("minmax", "weighted")]
-        return min(tried, key=lambda t: t[0].certificate.error)
-    a = importance(hessian, damp) if grid_fit == "weighted" else None
-    kind = block_type(weight.shape[1])
-    if kind == "Q4_K":
-        fitted = fit_q4_k_weighted(weight, a) if a is not None else None
-        q4 = quantize_q4_k(weight, hessian, grid=fitted, order=order, damp=damp,
-                           block_size=block_size)
-        data, decoded, cert = encode_q4_k(q4), q4.dequantize(), q4.certificate
-    else:
-        grid = BlockGrid(bits=5, symmetric=True, clip=True, scale_dtype=torch.float16)
-        fixed = {}
-        if a is not None:
-            scales = fit_q5_0(weight, a)
-            fixed = {"scales": scales, "zeros": torch.full_like(scales, Q5_ZERO)}
-        qw = quantize_weight(weight.detach(), hessian, group_size=Q5_BLOCK, order=order,
-                             damp=damp, block_size=block_size, grid=grid, **fixed)
-        if bool((qw.zeros != Q5_ZERO).any()):
-            raise BabaiError("Q5_0 needs the zero code 16 in every group")  # symmetric grid
-        data, decoded, cert = encode_q5_0(qw.codes, qw.scales), qw.dequantize(), qw.certificate
-    cert = dataclasses.replace(cert, bits_per_weight=BITS[kind])
-    return GGUFBlocks(kind, data, cert), decoded.to(torch.float32)
+    if grid_fit == "best" and hessian is None:
+        grid_fit = "minmax"
+    solve = lambda grid: _solve_on_grid(weight, hessian, grid, order, damp,  # noqa: E731
+                                        block_size)
+    if grid_fit == "minmax":
+        return solve(_fit_grid(weight, None))
+    weighted = _fit_grid(weight, importance(hessian, damp))
+    if grid_fit == "weighted":
+        return solve(weighted)
+    minmax = _fit_grid(weight, None)
+    if _same_grid(minmax, weighted):
+        return solve(minmax)
+    return min(solve(minmax), solve(weighted), key=lambda t: t[0].certificate.error)
 
 
 @dataclass
@@ -155,7 +187,7 @@ class GGUFQ4KConfig:
     order: str = "act"
     damp: float = 0.01
     block_size: int = 128
-    grid_fit: str = "minmax"
+    grid_fit: str = "best"
     blocks: dict[nn.Module, GGUFBlocks] = field(default_factory=dict)
     # what quantize_model reads (``_config_kwargs``); the grids themselves are fixed here
     bits: int = 4
@@ -191,7 +223,7 @@ class GGUFQ4KConfig:
 
 def quantize_q4_k_model(model: nn.Module, calibration: Any, *, order: str = "act",
                         damp: float = 0.01, mode: str = "sequential", batch_size: int = 8,
-                        progress: bool = True, grid_fit: str = "minmax"
+                        progress: bool = True, grid_fit: str = "best"
                         ) -> tuple[dict[str, GGUFBlocks], Any]:
     """Calibrate ``model`` (float32) block by block onto Q4_K/Q5_0 grids, in place.
 

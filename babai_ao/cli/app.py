@@ -165,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding-group-size", type=int, default=64,
                    help="group size of the quantized embedding, along its dimension (64)")
     _add_calibration(x, 128, 512)  # gguf q4_k only: Babai calibrates onto the Q4_K grids
-    x.add_argument("--grid-fit", choices=("minmax", "weighted", "best"), default="minmax",
+    x.add_argument("--grid-fit", choices=("minmax", "weighted", "best"), default="best",
                    help="gguf q4_k: each block's scale/min from its range, or by the "
-                        "diag(H)-weighted rounding error (llama.cpp's imatrix criterion), or the "
-                        "better of the two by the layer's output error")
+                        "diag(H)-weighted rounding error (llama.cpp's imatrix criterion), or "
+                        "(default) the better of the two by the layer's output error")
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_export)
 

@@ -101,7 +101,7 @@ def calibrate_q4_k(model: nn.Module, tokenizer: Any, args: argparse.Namespace
                                 seq_len=args.calib_len, seed=args.seed)
     t0 = time.perf_counter()
     blocks, report = quantize_q4_k_model(model, calib, progress=not args.no_progress,
-                                         grid_fit=getattr(args, "grid_fit", "minmax"))
+                                         grid_fit=getattr(args, "grid_fit", "best"))
     kinds: dict[str, int] = {}
     for b in blocks.values():
         kinds[b.ggml_type] = kinds.get(b.ggml_type, 0) + 1
