@@ -33,10 +33,10 @@ from babai_ao.calibration.models import load_smollm2
 from babai_ao.calibration.sequential import quantize_model
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "rerun": {},
-    "lockstep": {},
-    "lockstep+tiles": {"hessian_tiles": True},
-    "lockstep+bf16+tiles": {"forward_dtype": torch.bfloat16, "hessian_tiles": True},
+    "rerun": {"hessian_tiles": False},
+    "lockstep": {"hessian_tiles": False},
+    "lockstep+tiles": {},  # the default since 2026-12-05 (fourth session)
+    "lockstep+bf16+tiles": {"forward_dtype": torch.bfloat16},
 }
 
 

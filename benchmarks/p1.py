@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--forward-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="sequential mode: dtype of the calibration forwards (Hessians fp32)")
-    p.add_argument("--hessian-tiles", action="store_true",
-                   help="sequential mode: Hessians from their upper tiles, mirrored")
+    p.add_argument("--hessian-tiles", action=argparse.BooleanOptionalAction, default=True,
+                   help="Hessians from their upper tiles, mirrored (the library default since "
+                        "2026-12-05; --no-hessian-tiles: plain XᵀX, as rows before it)")
     p.add_argument("--cpu-kernel", choices=("exact", "auto"), default="exact",
                    help="evaluation forwards on CPU: exact fp32 path (default: P1 rows stay "
                         "comparable) or the default bf16-activation int4pack path")
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__, "git": git_commit(),
     }
     model, tokenizer = load_smollm2()
+    from babai_ao.lattice.hessian import tiling
+
+    tiling(args.hessian_tiles).__enter__()  # every Hessian of this run (a script: kept)
+    record["hessian_tiles"] = args.hessian_tiles
     if args.method != "float":
         config, config_kind = make_config(args)
         record.update(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
@@ -193,15 +198,12 @@ def main(argv: list[str] | None = None) -> None:
                 fast = {}
                 if args.forward_dtype != "float32":
                     fast["forward_dtype"] = getattr(torch, args.forward_dtype)
-                if args.hessian_tiles:
-                    fast["hessian_tiles"] = True
                 report = quantize_model(model, config, cal, mode=args.mode,
                                         batch_size=args.batch_size, progress=progress,
                                         tune=tune if tune.steps else None, **fast)
                 record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
                                   "blocks": report.tuning}
-                record.update(forward_dtype=args.forward_dtype,
-                              hessian_tiles=args.hessian_tiles)
+                record.update(forward_dtype=args.forward_dtype)
             if args.mode != "torchao":
                 record["quant_seconds"] = time.perf_counter() - t0  # windows + calibration
                 record.update(order=args.order, mode=args.mode, search=args.search,

@@ -268,9 +268,9 @@ def test_demo_small(capsys, tmp_path):
 
 
 @pytest.mark.model
-def test_quantize_with_hessian_tiles(capsys, tmp_path, monkeypatch):
-    """``--hessian-tiles`` reaches the calibration (its Hessians are formed tile-wise) and is
-    recorded in the run."""
+def test_quantize_hessian_tiles_by_default(capsys, tmp_path, monkeypatch):
+    """Hessians are formed tile-wise by default and plainly with ``--no-hessian-tiles``
+    (recorded in the run either way); the flag is refused where no Hessian is formed."""
     from babai_ao.lattice import hessian
 
     calls = []
@@ -280,15 +280,16 @@ def test_quantize_with_hessian_tiles(capsys, tmp_path, monkeypatch):
         calls.append(1)
         return tiled(*args, **kwargs)
     monkeypatch.setattr(hessian, "add_gram_tiles_", counted)
-    code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1",
-                           "--hessian-tiles", *SMALL_CALIB, "--out", str(tmp_path / "t"),
-                           "--no-progress")
-    assert code == 0, err
-    assert calls  # the tiled Gram product ran
+    for flag, out in (((), "t"), (("--no-hessian-tiles",), "p")):
+        calls.clear()
+        code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", *flag,
+                               *SMALL_CALIB, "--out", str(tmp_path / out), "--no-progress")
+        assert code == 0, err
+        assert bool(calls) == (not flag)  # the tiled Gram product ran, or did not
+        assert json.loads((tmp_path / out / RUN_FILE).read_text())["hessian_tiles"] == (not flag)
     code, _, err = run_cli(capsys, "quantize", "smollm2", "--mode", "rtn", "--hessian-tiles",
                            "--out", str(tmp_path / "r"))
-    assert_one_line_error(code, err, "--hessian-tiles applies to --mode sequential only")
-    assert json.loads((tmp_path / "t" / RUN_FILE).read_text())["hessian_tiles"] is True
+    assert_one_line_error(code, err, "apply to calibration (--mode sequential or observe)")
 
 
 @pytest.mark.model

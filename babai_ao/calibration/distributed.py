@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from babai_ao.errors import BabaiError
-from babai_ao.lattice.hessian import HessianAccumulator
+from babai_ao.lattice.hessian import HessianAccumulator, default_tiles
 
 __all__ = ["REDUCTIONS", "Group", "RankHessian", "Traffic", "backend_for", "barrier",
            "hessian", "is_lead", "launched", "process_group", "reduce_hessians", "shard",
@@ -190,9 +190,10 @@ class RankHessian(HessianAccumulator):
     (``ordered``) or their fp64 sum (``sum``); ``tokens`` counts this rank's rows."""
 
     def __init__(self, in_features: int, device: torch.device | str, reduce: str,
-                 tiles: int = 1) -> None:
+                 tiles: int | None = None) -> None:
         self.in_features, self.dtype, self.device = in_features, torch.float32, device
-        self.tokens, self.reduce, self.tiles = 0, reduce, tiles
+        self.tokens, self.reduce = 0, reduce
+        self.tiles = default_tiles(in_features) if tiles is None else tiles
         self.partials: list[torch.Tensor] = []
         self.sum64: torch.Tensor | None = None
 
@@ -207,11 +208,12 @@ class RankHessian(HessianAccumulator):
         self.tokens += tokens
 
 
-def hessian(in_features: int, device: torch.device | str, tiles: int = 1
+def hessian(in_features: int, device: torch.device | str, tiles: int | None = None
             ) -> HessianAccumulator:
     """A new accumulator for one layer input: this rank's share inside a distributed
     calibration, a plain ``HessianAccumulator`` otherwise (``tiles``: each batch's
-    ``X_bᵀX_b`` formed tile-wise, ``lattice.hessian.add_gram_tiles_``). Create it on the
+    ``X_bᵀX_b`` formed tile-wise, ``lattice.hessian.add_gram_tiles_``; ``None``: the
+    process default, ``lattice.hessian.tiling``). Create it on the
     thread that called ``quantize_model`` (the group is a context variable; a new thread
     does not see it); ``add`` may run on any thread."""
     group = _ACTIVE.get()

@@ -34,8 +34,8 @@ inputs exceed the budget below (it uses the rerun path) still matches ranks that
 Opt-in speed-ups that change the arithmetic (so codes may differ from the rerun path):
 ``forward_dtype=torch.bfloat16`` runs the forwards under autocast, each quantized linear as a
 dense ``bfloat16`` copy of its dequantized weight (the installed weight is unchanged), while
-every Hessian is still accumulated in float32 from those bf16 activations; ``hessian_tiles``
-accumulates the Hessians tile-wise (``lattice.hessian.add_gram_tiles_``).
+every Hessian is still accumulated in float32 from those bf16 activations. (Hessians are
+accumulated tile-wise by default on every path, ``lattice.hessian.tiling``.)
 
 Memory: while paused, every batch keeps its forward's live activations (for a Llama block
 about five hidden-size tensors per token at the ``down`` stage); blocks whose inputs exceed
@@ -54,7 +54,7 @@ from torch import nn
 
 from babai_ao.ao.experts import fused_experts
 from babai_ao.errors import BabaiError
-from babai_ao.lattice.hessian import HessianAccumulator, hessian_tiles
+from babai_ao.lattice.hessian import HessianAccumulator
 
 from .batches import token_rows
 from .blocks import StopForward, run_block
@@ -127,20 +127,19 @@ def _dense_forward(linear: nn.Module, dtype: torch.dtype) -> None:
 def calibrate_block(block: nn.Module, inputs: Inputs, masks: Sequence[torch.Tensor | None],
                     stages: Sequence[list[str]],
                     quantize: Callable[[list[str], HessianAccumulator], None],
-                    keep_outputs: bool, forward_dtype: torch.dtype | None = None,
-                    tiled: bool = False) -> list[torch.Tensor]:
+                    keep_outputs: bool, forward_dtype: torch.dtype | None = None
+                    ) -> list[torch.Tensor]:
     """Run every batch through ``block`` once, calling ``quantize(stage, H)`` when all
     batches have reached the stage (``H`` summed over the ranks of a distributed
     calibration); returns the block outputs (none if not ``keep_outputs``).
-    ``forward_dtype``, ``tiled``: the opt-in speed-ups of the module docstring.
+    ``forward_dtype``: the opt-in speed-up of the module docstring.
     """
     global BLOCKS_RUN
     modules = dict(block.named_modules())
     accs = []
     for stage in stages:  # created here, on the controller: it holds the distributed group
         k = in_features(modules[stage[0]])
-        accs.append(hessian(k, modules[stage[0]].weight.device,
-                            tiles=hessian_tiles(k) if tiled else 1))
+        accs.append(hessian(k, modules[stage[0]].weight.device))
     paused = threading.Semaphore(0)
     forwards = [_Forward(block, inp, mask, paused, forward_dtype)
                 for inp, mask in zip(inputs, masks)]

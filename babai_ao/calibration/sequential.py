@@ -54,7 +54,7 @@ from torch import nn
 
 from babai_ao.errors import BabaiError
 from babai_ao.kernels import cpu_int4
-from babai_ao.lattice.hessian import HessianAccumulator
+from babai_ao.lattice.hessian import HessianAccumulator, tiling
 from babai_ao.lattice.quantize import quantize_weight
 
 from . import distributed, lockstep
@@ -290,7 +290,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
             return rows, outputs
     else:
         if fast:
-            raise BabaiError(f"{prefix}: forward_dtype / hessian_tiles need the lockstep "
+            raise BabaiError(f"{prefix}: forward_dtype needs the lockstep "
                              "forwards, which this block cannot use (a linear called twice, "
                              "fused experts, inputs over lockstep.LOCKSTEP_BUDGET, or a lean "
                              "stream: BlockStream(lean=False) allows them): leave them unset")
@@ -334,7 +334,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                    batch_size: int = 8, progress: bool = True, blocks: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    stream: BlockStream | None = None, tune: TuneSettings | None = None,
-                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = False,
+                   forward_dtype: torch.dtype | None = None, hessian_tiles: bool = True,
                    hessian_reduce: str = "ordered") -> QuantizationReport:
     """Quantize every ``nn.Linear`` and ``Conv1D`` in the blocks of ``model`` in place, and
     every fused MoE experts module (per-expert Hessians of the routed tokens: ``experts``).
@@ -355,9 +355,10 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     ``tune``: ``TuneSettings(steps=…)`` tunes each block's scales, norms and biases to its
     float outputs once its codes are fixed (``babai_ao.calibration.tuning``; codes and bits
     unchanged; ``None`` or ``steps=0``: off).
-    Opt-in speed-ups of sequential mode that change the arithmetic (``lockstep``):
-    ``forward_dtype=torch.bfloat16`` (calibration forwards in bf16, Hessians in float32),
-    ``hessian_tiles=True`` (only the Hessians' upper tiles are computed, then mirrored).
+    ``hessian_tiles`` (default ``True``): only each Hessian's upper tiles are computed,
+    then mirrored (``lattice.hessian``; ``False``: plain ``xᵀx`` products, other rounding).
+    Opt-in speed-up of sequential mode that changes the arithmetic (``lockstep``):
+    ``forward_dtype=torch.bfloat16`` (calibration forwards in bf16, Hessians in float32).
     Returns the per-layer report, with every parameter left in float listed.
 
     Inside a ``torch.distributed`` process group, call it on every rank with the same
@@ -371,9 +372,9 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
         raise BabaiError(f"batch_size={batch_size} must be positive")
     if forward_dtype == torch.float32:
         forward_dtype = None  # the installed weights' own forward
-    fast = {k: v for k, v in (("forward_dtype", forward_dtype), ("tiled", hessian_tiles)) if v}
+    fast = {"forward_dtype": forward_dtype} if forward_dtype is not None else {}
     if fast and mode != "sequential":
-        raise BabaiError(f"forward_dtype / hessian_tiles apply to mode='sequential' only, not "
+        raise BabaiError(f"forward_dtype applies to mode='sequential' only, not "
                          f"{mode!r}: leave them unset")
     if forward_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise BabaiError(f"forward_dtype={forward_dtype}: choose torch.bfloat16 (or None)")
@@ -394,6 +395,8 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     was_training = model.training
     model.eval()
     bar = None
+    scope = contextlib.ExitStack()
+    scope.enter_context(tiling(hessian_tiles))  # every accumulator of this run
     try:
         with torch.no_grad():
             start, done = 0, []
@@ -441,4 +444,5 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
             model, [f"{r.name}.weight" for r in report.rows], path)
         report.seconds = time.perf_counter() - t0
         distributed.stop(shared)
+        scope.close()
     return report

@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scales and norms towards the float block (codes, bits unchanged; 0: off)")
     q.add_argument("--mode", choices=QUANT_MODES, default="sequential",
                    help="sequential (block by block), observe (float Hessians), rtn")
-    q.add_argument("--hessian-tiles", action="store_true",
-                   help="sequential: form each XᵀX from its upper tiles and mirror it (about "
-                        "0.94x the calibration time at P1; same perplexity, codes may differ "
-                        "in fp32 ties)")
+    q.add_argument("--hessian-tiles", action=argparse.BooleanOptionalAction, default=None,
+                   help="form each XᵀX from its upper tiles and mirror it (the default: about "
+                        "0.94x the calibration time at P1, same perplexity); "
+                        "--no-hessian-tiles: plain products (codes may differ in fp32 ties)")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--num-layers", type=int, help="keep only the first N decoder blocks")

@@ -47,9 +47,9 @@ def _quantize(args: argparse.Namespace) -> None:
     if getattr(args, "tune", 0) and args.mode == "rtn":
         raise BabaiError("--tune needs calibration data: use --mode sequential or observe "
                          "(or drop --tune)")
-    if getattr(args, "hessian_tiles", False) and args.mode != "sequential":
-        raise BabaiError(f"--hessian-tiles applies to --mode sequential only (got --mode "
-                         f"{args.mode}): drop it or calibrate sequentially")
+    if getattr(args, "hessian_tiles", None) is not None and args.mode == "rtn":
+        raise BabaiError("--hessian-tiles / --no-hessian-tiles apply to calibration (--mode "
+                         "sequential or observe): --mode rtn forms no Hessian; drop the flag")
     _at_least(args, "k", minimum=1)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)

@@ -78,7 +78,7 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         from babai_ao.calibration.tuning import TuneSettings
 
         steps = getattr(args, "tune", 0)
-        tiles = bool(getattr(args, "hessian_tiles", False))
+        tiles = getattr(args, "hessian_tiles", None) is not False  # on unless refused
         record["tune_steps"] = steps
         record["hessian_tiles"] = tiles
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,

@@ -5,12 +5,17 @@ the diagonal, ``H[I, J] += X[:, I]ᵀ X[:, J]`` for tile ranges ``I ≤ J``, and
 off-diagonal tile to its mirror ``H[J, I] = H[I, J]ᵀ``: ``(n+1)/(2n)`` of the products for
 ``n`` tiles (measured on one CPU thread: 0.64 of the time of one ``xᵀx`` for ``K = 1536``,
 0.71 for ``K = 576``, 3 tiles each). The sums are the same up to float rounding (each tile's
-products are reduced in their own order), so codes may differ in rare ties: opt-in.
+products are reduced in their own order), so codes may differ in rare ties from an
+untiled sum. Tiling is the default of every accumulator (``tiles=None``: ``hessian_tiles(K)``
+while ``tiling(True)``, the process default); ``with tiling(False):`` restores the plain
+``xᵀx`` products (``quantize_model(hessian_tiles=False)``, ``--no-hessian-tiles``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +36,13 @@ class HessianAccumulator:
     in_features: int
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
-    tiles: int = 1  # > 1: only the tiles on and above the diagonal are computed
+    tiles: int | None = None  # > 1: only the tiles on and above the diagonal are computed
     hessian: torch.Tensor = field(init=False)
     tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        if self.tiles is None:
+            self.tiles = default_tiles(self.in_features)
         if self.dtype not in (torch.float32, torch.float64):
             raise BabaiError(f"Hessian dtype must be float32 or float64, got {self.dtype}")
         self.hessian = torch.zeros(self.in_features, self.in_features, dtype=self.dtype,
@@ -61,6 +68,24 @@ class HessianAccumulator:
             add_gram_tiles_(partial, x, self.tiles)
             return partial, x.shape[0]
         return x.T @ x, x.shape[0]
+
+
+_TILING = [True]  # the process default (a stack: ``tiling`` nests)
+
+
+@contextmanager
+def tiling(enabled: bool) -> Iterator[None]:
+    """Within the block, new accumulators with ``tiles=None`` tile (``enabled``) or not."""
+    _TILING.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _TILING.pop()
+
+
+def default_tiles(in_features: int) -> int:
+    """``hessian_tiles(in_features)`` while tiling is on (the default), else 1."""
+    return hessian_tiles(in_features) if _TILING[-1] else 1
 
 
 def hessian_tiles(in_features: int) -> int:
