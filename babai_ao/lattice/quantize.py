@@ -154,7 +154,10 @@ def quantize_weight(
     h, lam, dead = damped(h0, damp)
     w[:, dead] = 0
     perm = quantization_order(h, order)
-    upper = inverse_cholesky(h[perm][:, perm])
+    if hessian is None:  # H = (1 + damp)·I: U = H^{-1/2} is diagonal (what Cholesky gives)
+        upper = torch.diag(1 / h.diagonal()[perm].sqrt())
+    else:
+        upper = inverse_cholesky(h[perm][:, perm])
     ngroups = k // g
     if (scales is None) != (zeros is None):
         raise BabaiError("pass both scales and zeros (or neither)")
