@@ -293,6 +293,40 @@ def test_quantize_hessian_tiles_by_default(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.model
+def test_quantize_allocate_spreads_the_budget(capsys, tmp_path):
+    """``--allocate``: per-layer HPTQ targets from one λ (recorded), each layer quantized at
+    its own target, the stored average at the budget, every bound still certified; refused
+    one line at a time where it cannot run."""
+    out = tmp_path / "lam"
+    code, stdout, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--clip",
+                                "hptq", "--target-bits", "3.3", "--allocate",
+                                "--fisher-windows", "2", *SMALL_CALIB, "--out", str(out),
+                                "--no-progress")
+    assert code == 0, err
+    assert "E <= B on 7/7 unclipped layers" in stdout
+    record = json.loads((out / RUN_FILE).read_text())
+    alloc = record["allocation"]
+    targets = {p["name"]: p["target_bits"] for p in alloc["layers"]}
+    assert alloc["budget"] == 3.3 and len(targets) == 7
+    assert alloc["target_bits_max"] - alloc["target_bits_min"] > 0.5  # not one rate for all
+    stored = {r["name"]: r["bits_per_weight"] for r in record["layers"]}
+    for name, target in targets.items():  # each layer hit its own target, not the budget
+        assert stored[name] == pytest.approx(target, abs=0.15), name
+    assert record["avg_bits_per_weight"] == pytest.approx(3.3, abs=0.05)
+    assert all(r["bound_holds"] for r in record["layers"])
+    for extra, message in ((("--clip", "true"), "add --clip hptq --target-bits"),
+                           (("--clip", "hptq", "--target-bits", "3.3", "--mode", "rtn"),
+                            "needs calibration data"),
+                           (("--clip", "hptq", "--target-bits", "3.3", "--stream"),
+                            "drop --stream/--save-state or --allocate"),
+                           (("--clip", "hptq", "--target-bits", "3.3", "--nproc", "2"),
+                            "drop --nproc or --allocate")):
+        code, _, err = run_cli(capsys, "quantize", "smollm2", "--allocate", *extra,
+                               "--out", str(tmp_path / "x"))
+        assert_one_line_error(code, err, message)
+
+
+@pytest.mark.model
 def test_quantize_hptq_sequential_from_the_command_line(capsys, tmp_path):
     """The README's best format with sequential calibration, from the CLI (was refused)."""
     out = tmp_path / "hptq"

@@ -50,6 +50,7 @@ def _quantize(args: argparse.Namespace) -> None:
     if getattr(args, "hessian_tiles", None) is not None and args.mode == "rtn":
         raise BabaiError("--hessian-tiles / --no-hessian-tiles apply to calibration (--mode "
                          "sequential or observe): --mode rtn forms no Hessian; drop the flag")
+    _allocation(args)
     _at_least(args, "k", minimum=1)
     _text_file(args.calib_file, "--calib-file")
     _rate_arguments(args)
@@ -250,6 +251,25 @@ def _rate_arguments(args: argparse.Namespace) -> None:
     if args.clip == "hptq" and not 1 <= target <= 8:
         raise BabaiError(f"--target-bits {target} is outside HPTQ's 1..8 bits per weight: "
                          "give e.g. 3.3")
+
+
+def _allocation(args: argparse.Namespace) -> None:
+    """``--allocate``: an HPTQ budget, calibrated, the whole model in one process."""
+    if not getattr(args, "allocate", False):
+        return
+    _positive(args, "fisher_windows")
+    if args.clip != "hptq" or args.target_bits is None:
+        raise BabaiError("--allocate spreads an HPTQ budget over the layers: add --clip hptq "
+                         "--target-bits B (e.g. 3.3)")
+    if args.mode == "rtn":
+        raise BabaiError("--allocate needs calibration data (Fisher sensitivities, Hessians): "
+                         "use --mode sequential or observe")
+    if getattr(args, "stream", False) or getattr(args, "save_state", None):
+        raise BabaiError("--allocate measures every layer of the float model first, which a "
+                         "streamed run never holds: drop --stream/--save-state or --allocate")
+    if getattr(args, "nproc", 1) > 1:
+        raise BabaiError("--allocate runs in one process (its float-model pass is not split "
+                         "across ranks): drop --nproc or --allocate")
 
 
 def _processes(args: argparse.Namespace) -> None:

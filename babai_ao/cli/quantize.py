@@ -81,6 +81,13 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         tiles = getattr(args, "hessian_tiles", None) is not False  # on unless refused
         record["tune_steps"] = steps
         record["hessian_tiles"] = tiles
+        if getattr(args, "allocate", False):
+            from babai_ao.calibration.allocation import PerLayerTargets, allocate_layer_bits
+
+            bits = allocate_layer_bits(model, config, calib, batch_size=CALIB_BATCH,
+                                       fisher_windows=args.fisher_windows, progress=progress)
+            config = PerLayerTargets(config, bits.targets)  # each layer's own target bits
+            record["allocation"] = bits.summary()
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
                                 batch_size=CALIB_BATCH, stream=stream,
                                 tune=TuneSettings(steps=steps) if steps else None,
