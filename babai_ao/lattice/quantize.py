@@ -214,7 +214,8 @@ def quantize_weight(
     half = 0.5 * scale[:, perm // g]
     clipped = int((babai_resid.abs() > half * (1 + 1e-5) + 1e-12).sum()) if clip else 0
     zero_bits = bits  # zeros are stored packed at the code width
-    error = float(((diff @ h) * diff).sum())
+    hd = diff * h.diagonal() if hessian is None else diff @ h  # H diagonal: same products
+    error = float((hd * diff).sum())
     cert = Certificate(
         pivots=d,
         error=error,
