@@ -1,0 +1,57 @@
+"""glibc ``malloc`` settings that keep a streamed calibration's resident memory flat.
+
+Sequential calibration allocates and frees the same large tensors again and again (one
+batch's hidden states, attention and MLP temporaries: 1–30 MB each at P1). glibc serves a
+request of at least its *mmap threshold* with its own mapping, returned to the kernel on
+``free``; smaller ones come from the heap, where freed holes stay resident. The threshold
+starts at 128 KiB but is dynamic: each freed mapping raises it to that mapping's size (up
+to 32 MiB), so after the first free the 9–25 MB activations land on the heap and its
+fragmentation grows the resident set block after block (measured on SmolLM2 at P1: the lean
+stream's peak climbs from 954 to 1162 MiB over the first three blocks; with a fixed
+threshold it stays flat, BENCHMARKS.md "Streaming: peak memory").
+
+``fix_mmap_threshold()`` sets ``M_MMAP_THRESHOLD`` with ``mallopt`` (which also turns the
+dynamic adjustment off) for the whole process, and ``trim()`` calls ``malloc_trim(0)`` to
+hand freed heap pages back; both are no-ops (returning ``False``) where the C library is not
+glibc. Calling them changes allocation placement only, never a value.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial (and smallest useful) threshold
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """The C library, if it is glibc (``mallopt``/``malloc_trim`` exist); else ``None``."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more from its own mapping, for the
+    rest of the process (glibc; ``True`` if set)."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+def trim() -> bool:
+    """Return the heap's free pages to the kernel (glibc ``malloc_trim(0)``; ``True`` if
+    glibc released memory)."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0) == 1)
