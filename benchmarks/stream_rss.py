@@ -170,7 +170,9 @@ def main() -> None:
         for flag in ("stream_lockstep", "no_spill", "no_allocator"):
             if getattr(args, flag):
                 cmd += ["--" + flag.replace("_", "-")]
-        run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{mode} child failed ({run.returncode}):\n{run.stderr[-4000:]}")
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode}: peak {r['peak'] / MB:.0f} MB, base {r['base_rss'] / MB:.0f} MB, "
