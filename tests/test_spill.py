@@ -168,3 +168,41 @@ def test_record_says_where_activations_spill():
     assert s.spill is True and s.lean is True and s.allocator is True
     assert BlockStream(None, lean=False).spill is False  # type: ignore[arg-type]
     assert Path(PREFIX).name == ".babai-spill-"
+
+
+def _tiny(tmp_path: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "float")
+    return cfg, model
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "observe"},
+                                    {"tune": "steps"}], ids=["observe", "tuned"])
+def test_spilled_stream_equals_in_memory_in_observe_mode_and_with_tuning(tmp_path, kwargs):
+    """The other paths that produce a block's outputs (observe's float forward, block
+    tuning's kept forward) spill them too, with the in-memory run's codes and scales."""
+    from babai_ao.calibration.tuning import TuneSettings
+
+    if "tune" in kwargs:
+        kwargs = {"tune": TuneSettings(steps=4, lr=1e-3, windows=1)}
+    cfg, model = _tiny(tmp_path)
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    config = babai_ao.babai_config(bits=4, group_size=32)
+    report = quantize_model(model, config, calib, progress=False, batch_size=1, **kwargs)
+    sink = _Collect()
+    spill_root = tmp_path / "spill"
+    spill_root.mkdir()
+    streamed = quantize_model(empty_model(cfg), config, calib, progress=False, batch_size=1,
+                              stream=BlockStream(SafetensorsSource(tmp_path / "float"), sink,
+                                                 spill_dir=spill_root), **kwargs)
+    want = model.model.layers.state_dict()
+    assert set(sink.blocks) == set(want)
+    assert all(torch.equal(sink.blocks[k], want[k]) for k in want)
+    assert [r.error for r in streamed.rows] == [r.error for r in report.rows]
+    assert streamed.tuning == report.tuning
+    assert list(spill_root.iterdir()) == []

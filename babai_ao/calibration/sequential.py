@@ -274,7 +274,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
     hessians: dict[str, torch.Tensor] | None = {} if tune is not None else None
     if mode == "observe":
         accs, outputs = _collect(block, inputs, masks, stages, stop=False,
-                                 keep_outputs=not last and tune is None)
+                                 keep_outputs=not last and tune is None, outputs=outputs)
         for stage in stages:
             rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
                                     hessians)
