@@ -16,7 +16,8 @@ embedding)``, the activations being one copy of the hidden states ``n·T·d·4``
 
 ``stream`` is a lean stream by default (``BlockStream(lean=True)``: rerun path, no replay
 recordings, activations spilled to a temporary directory, glibc's mmap threshold fixed);
-``--no-spill`` keeps the activations in memory, ``--no-allocator`` leaves malloc as it is;
+``--no-spill`` keeps the activations in memory, ``--allocator {mmap,trim,off}`` picks the
+malloc settings (``BlockStream(allocator=...)``);
 ``--stream-lockstep`` streams with the in-memory defaults (lockstep forwards, no spill).
 ``--threads N`` sets torch's intra-op threads in the child.
 """
@@ -115,7 +116,7 @@ def child(args: argparse.Namespace) -> dict:
         quantize_model(model, config, calib, progress=False,
                        stream=BlockStream(source, sink, lean=not args.stream_lockstep,
                                           on_block=trace, spill=not args.no_spill and None,
-                                          allocator=not args.no_allocator))
+                                          allocator=args.allocator))
         sink.commit(model, source, out, config, "model.layers")
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -126,7 +127,7 @@ def child(args: argparse.Namespace) -> dict:
             "stream_lean": None if args.child == "memory" else not args.stream_lockstep,
             "stream_spill": None if args.child == "memory" else not (
                 args.no_spill or args.stream_lockstep),
-            "stream_allocator": None if args.child == "memory" else not args.no_allocator,
+            "stream_allocator": None if args.child == "memory" else args.allocator,
             "base_rss": base, "peak_before_run": base_peak, "peak": peak,
             "net_peak": peak - base, "seconds": seconds, "digest": _digest(out),
             "block_fp32_bytes": block, "embedding_bytes": vocab * d * 4,
@@ -148,8 +149,9 @@ def main() -> None:
                         "lean default")
     p.add_argument("--no-spill", action="store_true",
                    help="stream with the activations in memory (BlockStream(spill=False))")
-    p.add_argument("--no-allocator", action="store_true",
-                   help="stream without the glibc malloc settings (BlockStream(allocator=False))")
+    p.add_argument("--allocator", choices=("mmap", "trim", "off"), default="mmap",
+                   help="BlockStream(allocator=...): fixed mmap threshold + trim per block "
+                        "(mmap), trim per block only (trim), malloc as it is (off)")
     p.add_argument("--threads", type=int, help="torch threads in the child (default: torch's)")
     p.add_argument("--out", help="result JSON (default: benchmarks/results/stream_rss[-N].json)")
     p.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
@@ -167,9 +169,10 @@ def main() -> None:
             cmd += ["--replay-budget", str(args.replay_budget)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
-        for flag in ("stream_lockstep", "no_spill", "no_allocator"):
+        for flag in ("stream_lockstep", "no_spill"):
             if getattr(args, flag):
                 cmd += ["--" + flag.replace("_", "-")]
+        cmd += ["--allocator", args.allocator]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(f"{mode} child failed ({run.returncode}):\n{run.stderr[-4000:]}")

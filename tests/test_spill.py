@@ -165,7 +165,9 @@ def test_cli_spill_dir_flag(tmp_path, capsys):
 def test_record_says_where_activations_spill():
     """The record's ``stream`` entry states the spill setting (read by the CLI run record)."""
     s = BlockStream(None)  # type: ignore[arg-type]
-    assert s.spill is True and s.lean is True and s.allocator is True
+    assert s.spill is True and s.lean is True and s.allocator == allocator.DEFAULT
+    with pytest.raises(BabaiError, match="allocator"):
+        BlockStream(None, allocator="jemalloc")  # type: ignore[arg-type]
     assert BlockStream(None, lean=False).spill is False  # type: ignore[arg-type]
     assert Path(PREFIX).name == ".babai-spill-"
 

@@ -23,6 +23,8 @@ import ctypes.util
 import functools
 import platform
 
+MODES = ("mmap", "trim", "off")  # what a stream does (streaming.BlockStream(allocator=))
+DEFAULT = "mmap"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial (and smallest useful) threshold
 

@@ -57,7 +57,7 @@ from torch import nn
 
 from babai_ao.errors import BabaiError
 
-from . import allocator
+from . import allocator as _allocator
 from .resume import CalibrationState
 from .spill import SpillDir, SpilledInputs, SpillWriter
 
@@ -228,19 +228,24 @@ class BlockStream:
     least activation memory (the module docstring; codes unchanged). ``spill``: keep the
     block's inputs and outputs on disk (``spill.py``; ``None``: when ``lean``), in a
     temporary directory under ``spill_dir`` (``None``: the system's temporary directory).
-    ``allocator``: fix glibc's mmap threshold when the calibration begins and trim the heap
-    after each block (``allocator.py``; process-wide; no effect on values).
+    ``allocator`` (``allocator.MODES``): ``"mmap"`` fixes glibc's mmap threshold when the
+    calibration begins and trims the heap after each block, ``"trim"`` only trims,
+    ``"off"`` leaves malloc alone (``allocator.py``; process-wide; no effect on values).
     """
 
     def __init__(self, source: WeightSource, sink: BlockSink | None = None,
                  state: CalibrationState | None = None,
                  on_block: Callable[[int, nn.Module], None] | None = None,
                  lean: bool = True, spill: bool | None = None,
-                 spill_dir: str | os.PathLike | None = None, allocator: bool = True) -> None:
+                 spill_dir: str | os.PathLike | None = None,
+                 allocator: str = _allocator.DEFAULT) -> None:
         if spill and not lean:
             raise BabaiError("BlockStream(spill=True, lean=False): the lockstep forwards of a "
                              "non-lean stream hold every batch's activations anyway; use "
                              "lean=True to spill, or spill=False")
+        if allocator not in _allocator.MODES:
+            raise BabaiError(f"BlockStream(allocator={allocator!r}): choose one of "
+                             f"{_allocator.MODES}")
         self.source = source
         self.sink = sink
         self.state = state
@@ -295,8 +300,8 @@ class BlockStream:
         """``(first block to calibrate, its inputs, report rows of blocks already done)``."""
         self._model, self._stack, self._path = model, stack, path
         self._check(model)
-        if self.allocator:
-            allocator.fix_mmap_threshold()
+        if self.allocator == "mmap":
+            _allocator.fix_mmap_threshold()
         if self.spill:
             self._spill = SpillDir(self.spill_dir)
         if self.state is not None:
@@ -381,5 +386,5 @@ class BlockStream:
         if self.state is not None:  # (spilled inputs are read into memory to be saved)
             self.state.save(b + 1, list(next_inputs), rows)
         self._release(block)
-        if self.allocator:
-            allocator.trim()
+        if self.allocator != "off":
+            _allocator.trim()
