@@ -58,11 +58,13 @@ def test_allocator_settings_on_glibc_and_elsewhere(monkeypatch):
     if platform.libc_ver()[0] == "glibc":
         assert allocator.fix_mmap_threshold() is True
         allocator.trim()  # returns whether memory was released: either is fine
+        assert allocator.settle_mmap_threshold() is True
     allocator._libc.cache_clear()
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     try:
         assert allocator._libc() is None
         assert allocator.fix_mmap_threshold() is False and allocator.trim() is False
+        assert allocator.settle_mmap_threshold() is False
     finally:
         allocator._libc.cache_clear()
 

@@ -358,13 +358,16 @@ class BlockStream:
         return writer.finish(extras)
 
     def close(self) -> None:
-        """Remove the spilled activations (after the run, an error or Ctrl-C)."""
+        """Remove the spilled activations (after the run, an error or Ctrl-C) and let glibc
+        serve large blocks from its heap again (``allocator.settle_mmap_threshold``)."""
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+        if self.allocator == "mmap":  # the fixed threshold's time cost ends with the stream
+            _allocator.settle_mmap_threshold()
 
     @property
     def spill_path(self) -> Path | None:
