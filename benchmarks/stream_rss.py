@@ -15,7 +15,10 @@ embedding)``, the activations being one copy of the hidden states ``n·T·d·4``
     python benchmarks/stream_rss.py --modes stream --stream-lockstep   # BlockStream(lean=False)
 
 ``stream`` is a lean stream by default (``BlockStream(lean=True)``: rerun path, no replay
-recordings); ``--stream-lockstep`` streams with the in-memory defaults (lockstep forwards).
+recordings, activations spilled to a temporary directory, glibc's mmap threshold fixed);
+``--no-spill`` keeps the activations in memory, ``--allocator {mmap,trim,off}`` picks the
+malloc settings (``BlockStream(allocator=...)``);
+``--stream-lockstep`` streams with the in-memory defaults (lockstep forwards, no spill).
 ``--threads N`` sets torch's intra-op threads in the child.
 """
 
@@ -112,7 +115,8 @@ def child(args: argparse.Namespace) -> dict:
 
         quantize_model(model, config, calib, progress=False,
                        stream=BlockStream(source, sink, lean=not args.stream_lockstep,
-                                          on_block=trace))
+                                          on_block=trace, spill=not args.no_spill and None,
+                                          allocator=args.allocator))
         sink.commit(model, source, out, config, "model.layers")
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -121,6 +125,9 @@ def child(args: argparse.Namespace) -> dict:
     block = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
     return {"mode": args.child, "replay_budget": args.replay_budget,
             "stream_lean": None if args.child == "memory" else not args.stream_lockstep,
+            "stream_spill": None if args.child == "memory" else not (
+                args.no_spill or args.stream_lockstep),
+            "stream_allocator": None if args.child == "memory" else args.allocator,
             "base_rss": base, "peak_before_run": base_peak, "peak": peak,
             "net_peak": peak - base, "seconds": seconds, "digest": _digest(out),
             "block_fp32_bytes": block, "embedding_bytes": vocab * d * 4,
@@ -140,6 +147,11 @@ def main() -> None:
     p.add_argument("--stream-lockstep", action="store_true",
                    help="stream with lockstep forwards (BlockStream(lean=False)) instead of the "
                         "lean default")
+    p.add_argument("--no-spill", action="store_true",
+                   help="stream with the activations in memory (BlockStream(spill=False))")
+    p.add_argument("--allocator", choices=("mmap", "trim", "off"), default="mmap",
+                   help="BlockStream(allocator=...): fixed mmap threshold + trim per block "
+                        "(mmap), trim per block only (trim), malloc as it is (off)")
     p.add_argument("--threads", type=int, help="torch threads in the child (default: torch's)")
     p.add_argument("--out", help="result JSON (default: benchmarks/results/stream_rss[-N].json)")
     p.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
@@ -157,9 +169,13 @@ def main() -> None:
             cmd += ["--replay-budget", str(args.replay_budget)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
-        if args.stream_lockstep:
-            cmd += ["--stream-lockstep"]
-        run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for flag in ("stream_lockstep", "no_spill"):
+            if getattr(args, flag):
+                cmd += ["--" + flag.replace("_", "-")]
+        cmd += ["--allocator", args.allocator]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{mode} child failed ({run.returncode}):\n{run.stderr[-4000:]}")
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode}: peak {r['peak'] / MB:.0f} MB, base {r['base_rss'] / MB:.0f} MB, "

@@ -98,7 +98,7 @@ def as_bytes(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _rank(rank: int, port: int, job: str, payload: dict, results: Any) -> None:
+def _rank(rank: int, port: int, job: Any, payload: dict, results: Any) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
@@ -106,7 +106,8 @@ def _rank(rank: int, port: int, job: str, payload: dict, results: Any) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
             timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
         try:
-            results.put((rank, "ok", as_bytes(JOBS[job](rank, payload))))
+            work = JOBS[job] if isinstance(job, str) else job  # (another module's job)
+            results.put((rank, "ok", as_bytes(work(rank, payload))))
         finally:
             torch.distributed.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which asserts on it
@@ -190,7 +191,7 @@ def _failing_job(rank: int, payload: dict) -> None:
 JOBS = {"quantize": _quantize_job, "fail": _failing_job}
 
 
-def run_ranks(job: str, payload: dict, wait_s: float = 120.0) -> dict[int, tuple]:
+def run_ranks(job: Any, payload: dict, wait_s: float = 120.0) -> dict[int, tuple]:
     """Start ``WORLD`` independent processes (a failing one does not take the others down,
     as torch.multiprocessing.spawn would) and collect each one's result or error."""
     ctx = mp.get_context("spawn")

@@ -15,14 +15,17 @@ the float block with its codes fixed. ``data`` makes WikiText-2 windows, ``model
 bundled SmolLM2, ``evaluate`` measures perplexity. ``streaming`` calibrates a model larger than
 memory: parameters on the meta device, each block read from its checkpoint (safetensors or
 GGUF) only while it is calibrated, handed to a sink and freed; ``resume`` keeps a streamed
-run's state (finished blocks, the next block's inputs) so a crashed run resumes.
+run's state (finished blocks, the next block's inputs) so a crashed run resumes; ``spill``
+keeps a streamed block's inputs and outputs on disk, read batch by batch; ``allocator``
+fixes glibc's mmap threshold and trims its heap so a long stream's resident memory stays
+flat.
 ``allocation`` spreads an HPTQ bit budget over the
 layers from one Lagrange multiplier (float-model Hessians and a Fisher probe, then
 ``quantize_model`` at the per-layer targets).
 
 ``distributed`` spreads sequential calibration over the ranks of a ``torch.distributed``
 group: windows split, Hessian sums reduced, solves spread by cost and broadcast, codes equal
-to one process's.
+to one process's (block tuning included: the same steps on every rank).
 
 Imports from ``lattice`` and ``ao``.
 """

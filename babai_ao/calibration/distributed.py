@@ -28,6 +28,13 @@ process group of ``W > 1`` ranks the work splits as follows.
   ``rows·cols²``, given largest first to the least loaded rank (ties: the lowest rank); the
   owner solves, and its result (``torch.save`` bytes) is broadcast from it, so every rank
   installs the same quantized weights and continues with the same model.
+- **Block tuning** (``tuning``, after a block's codes are fixed): every Adam step draws its
+  batch and windows from one generator seeded alike on every rank, over the *global*
+  batches (``layout``); the rank holding that batch computes the gradient and broadcasts it
+  (``share_gradients``), and every rank takes the same step from the same state — the steps
+  one process takes, bit for bit. The losses over all windows that decide whether the tuned
+  block is kept are per-batch sums gathered exactly (``gather_batch_sums``) and added up in
+  batch order, as one process adds them.
 - **Same collectives everywhere.** Which collectives run, in which order, depends only on
   the model's structure and the number of batches, never on a rank's data: an expert that
   got no tokens on some rank still takes part in its reduction, adding nothing.
@@ -57,8 +64,9 @@ from babai_ao.errors import BabaiError
 from babai_ao.lattice.hessian import HessianAccumulator, default_tiles
 
 __all__ = ["REDUCTIONS", "Group", "RankHessian", "Traffic", "backend_for", "barrier",
-           "hessian", "is_lead", "launched", "process_group", "reduce_hessians", "shard",
-           "solve_cost", "solve_spread", "start", "stop", "world_size"]
+           "gather_batch_sums", "hessian", "is_lead", "launched", "layout", "owner_of",
+           "process_group", "rank", "reduce_hessians", "shard", "share_gradients", "solve_cost",
+           "solve_spread", "start", "stop", "world_size"]
 
 REDUCTIONS = ("ordered", "sum")
 DEFAULT_TIMEOUT_S = 1800.0  # one rank may solve a large layer while the others wait
@@ -85,6 +93,7 @@ class Group:
     reduce: str
     device: torch.device  # where collective tensors live: cpu (gloo) or this rank's GPU (nccl)
     log: list[Traffic] = field(default_factory=list)
+    sizes: tuple[int, ...] = ()  # windows in each of the calibration's batches (all ranks')
 
 
 _ACTIVE: ContextVar[Group | None] = ContextVar("babai_ao_distributed", default=None)
@@ -165,7 +174,8 @@ def start(batches: Sequence[T], reduce: str = "ordered"
     backend = dist.get_backend()
     device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
               else torch.device("cpu"))
-    token = _ACTIVE.set(Group(rank, world, reduce, device))
+    sizes = tuple(int(b.input_ids.shape[0]) if hasattr(b, "input_ids") else 0 for b in batches)
+    token = _ACTIVE.set(Group(rank, world, reduce, device, sizes=sizes))
     return shard(batches, rank, world), token
 
 
@@ -182,6 +192,71 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     """Rank ``rank``'s contiguous run ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of ``items``."""
     n = len(items)
     return list(items[rank * n // world:(rank + 1) * n // world])
+
+
+def layout() -> tuple[tuple[int, ...], int] | None:
+    """``(windows of every batch of the whole calibration, index of this rank's first
+    batch)`` inside a distributed calibration; ``None`` in one process."""
+    group = _ACTIVE.get()
+    if group is None:
+        return None
+    return group.sizes, group.rank * len(group.sizes) // group.world
+
+
+def rank() -> int:
+    """This process's rank in the distributed calibration (0 in one process)."""
+    group = _ACTIVE.get()
+    return 0 if group is None else group.rank
+
+
+def owner_of(batch: int) -> int:
+    """The rank that holds global batch ``batch`` (0 in one process)."""
+    group = _ACTIVE.get()
+    if group is None:
+        return 0
+    n = len(group.sizes)
+    return next(r for r in range(group.world) if batch < (r + 1) * n // group.world)
+
+
+def share_gradients(params: Sequence[torch.Tensor], src: int) -> None:
+    """Every rank's ``p.grad`` := rank ``src``'s (which computed them), for each of
+    ``params`` (the same list on every rank); no-op in one process. A parameter without a
+    gradient on ``src`` has none anywhere."""
+    group = _ACTIVE.get()
+    if group is None:
+        return
+    here = group.rank == src
+    has = torch.tensor([here and p.grad is not None for p in params], dtype=torch.uint8,
+                       device=group.device)
+    _log(group, "broadcast(has grad)", has)
+    _guarded("broadcast(has grad)", lambda: dist.broadcast(has, src=src))
+    for p, present in zip(params, has.tolist(), strict=True):
+        if not present:
+            p.grad = None
+            continue
+        grad = (p.grad.detach().to(group.device) if here else
+                torch.empty(p.shape, dtype=p.dtype, device=group.device))
+        _log(group, "broadcast(grad)", grad)
+        _guarded("broadcast(gradient)", lambda g=grad: dist.broadcast(g, src=src))
+        if not here:
+            p.grad = grad.to(p.device)
+
+
+def gather_batch_sums(values: Sequence[Sequence[float]], first: int, total: int
+                      ) -> list[list[float]]:
+    """Per-batch numbers of the whole calibration: ``values[j]`` are this rank's batch
+    ``first + j``'s; the result has ``total`` rows, one per global batch, on every rank.
+    Exact: fp64 ``all_reduce(SUM)`` of rows that are zero except on the batch's own rank."""
+    group = _ACTIVE.get()
+    if group is None:
+        return [list(v) for v in values]
+    width = len(values[0])  # (every rank holds at least one batch: start)
+    rows = torch.zeros(total, width, dtype=torch.float64, device=group.device)
+    for j, v in enumerate(values):
+        rows[first + j] = torch.tensor(list(v), dtype=torch.float64)
+    _log(group, "all_reduce(batch sums)", rows)
+    _guarded("all_reduce(batch sums)", lambda: dist.all_reduce(rows, dist.ReduceOp.SUM))
+    return rows.cpu().tolist()
 
 
 # ---- Hessians -------------------------------------------------------------------------------

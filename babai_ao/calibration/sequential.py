@@ -30,7 +30,7 @@ paused forwards' live activations instead, ``lockstep.LOCKSTEP_BUDGET``) — plu
 unless it is streamed (``stream=``: ``streaming.BlockStream`` reads each block only while it
 is calibrated, then writes and frees it; a lean stream, the default, also uses the rerun
 path with nothing recorded, so only one batch's forward temporaries come on top of the
-block's inputs and outputs). Hooks are always
+block's inputs and outputs, which it keeps on disk: ``spill``). Hooks are always
 removed; an interrupt (Ctrl-C) leaves the blocks already done quantized and the rest float.
 
 Called on every rank of a ``torch.distributed`` process group, the calibration windows are
@@ -107,12 +107,14 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
 
 def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
              masks: Sequence[torch.Tensor | None], stages: Sequence[list[str]], stop: bool,
-             keep_outputs: bool, replay: Replay | None = None
-             ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
+             keep_outputs: bool, replay: Replay | None = None, outputs: Any = None
+             ) -> tuple[dict[str, HessianAccumulator], Any]:
     """Run the block on every batch, accumulating ``H = Σ x xᵀ`` of each stage's input over
     the batch's non-padded tokens (``masks[i]``: batch ``i``'s attention mask, or ``None``).
 
-    With ``stop`` (one stage only) the forward ends at that stage's first linear.
+    With ``stop`` (one stage only) the forward ends at that stage's first linear. With
+    ``keep_outputs`` each batch's output is appended to ``outputs`` (a new list if ``None``;
+    a stream's spill file, ``spill.SpillWriter``), which is returned.
     """
     modules = dict(block.named_modules())
     accs: dict[str, HessianAccumulator] = {}
@@ -130,7 +132,8 @@ def _collect(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, tuple, dict]
         lead = modules[stage[0]]
         accs[stage[0]] = hessian(in_features(lead), lead.weight.device)
         handles.append(lead.register_forward_pre_hook(hook_for(stage[0])))
-    outputs: list[torch.Tensor] = []
+    if outputs is None:
+        outputs = []
     try:
         with torch.no_grad():
             for i, inp in enumerate(inputs):
@@ -259,17 +262,19 @@ def _calibrate_block(block: nn.Module, prefix: str,
                      repeated: set[str], qkwargs: dict[str, Any], config: Any, last: bool,
                      bar: Any, tune: tuple[nn.Module, TuneSettings] | None = None,
                      tuning_log: list[dict[str, Any]] | None = None,
-                     fast: dict[str, Any] | None = None, lean: bool = False
-                     ) -> tuple[list[LayerReport], list[torch.Tensor]]:
+                     fast: dict[str, Any] | None = None, lean: bool = False,
+                     outputs: Any = None) -> tuple[list[LayerReport], Any]:
     """Quantize one block's stages; returns its report rows and its outputs (the next
     block's inputs; none after the last block). ``tune``: the block's float copy and the
     settings of block tuning (``tuning``), run once the codes are fixed. ``lean``: least
-    activation memory — the rerun path with nothing recorded for replay (same codes)."""
+    activation memory — the rerun path with nothing recorded for replay (same codes).
+    ``outputs``: where the rerun path's last forward appends the outputs (a stream's spill
+    file); the other paths return a list."""
     rows: list[LayerReport] = []
     hessians: dict[str, torch.Tensor] | None = {} if tune is not None else None
     if mode == "observe":
         accs, outputs = _collect(block, inputs, masks, stages, stop=False,
-                                 keep_outputs=not last and tune is None)
+                                 keep_outputs=not last and tune is None, outputs=outputs)
         for stage in stages:
             rows += _quantize_stage(block, prefix, stage, accs[stage[0]], qkwargs, config,
                                     hessians)
@@ -310,9 +315,10 @@ def _calibrate_block(block: nn.Module, prefix: str,
                 replay.watch_modules(block)
             rows += quantize_experts(block, prefix, inputs, qkwargs, replay, masks=masks)
             if tune is None:
-                outputs = [] if last else _collect(block, inputs, masks, [], stop=False,
-                                                   keep_outputs=True, replay=replay)[1]
-                return rows, outputs
+                if last:
+                    return rows, []
+                return rows, _collect(block, inputs, masks, [], stop=False, keep_outputs=True,
+                                      replay=replay, outputs=outputs)[1]
         finally:
             replay.close()
     if bar is not None:
@@ -430,13 +436,21 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
                                              last=b == len(stack) - 1, bar=bar,
                                              tune=None if reference is None else (reference, tune),
                                              tuning_log=report.tuning, fast=fast,
-                                             lean=stream is not None and stream.lean)
+                                             lean=stream is not None and stream.lean,
+                                             outputs=None if stream is None else
+                                             stream.outputs(b))
             del reference
             report.rows += rows
-            inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
+            if stream is None:
+                inputs = [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
+            else:  # on disk when the stream spills (the block's input file deleted)
+                inputs = stream.next_inputs(outputs, inputs)
+            del outputs
             if stream is not None:
                 stream.finish_block(b, [asdict(r) for r in report.rows], inputs)
     finally:
+        if stream is not None:
+            stream.close()  # spilled activations removed, also on errors and Ctrl-C
         if bar is not None:
             bar.close()
         model.train(was_training)

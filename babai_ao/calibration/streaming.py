@@ -22,17 +22,28 @@ the values equal ``from_pretrained(..., gguf_file=...)``'s).
   block in the state (next block's inputs and the report rows), and puts the block's
   original meta parameters back, so the quantized tensors are freed.
 
-Resident memory: one block's weights (float, then quantized) + the calibration activations
-(inputs and outputs of one block for all windows: they stay in memory, ``2·n·T·d·4`` bytes,
-never spilled; the position embeddings and masks, equal for every batch, are kept once:
-``shared_inputs``) + the non-block parameters only while the first block's inputs are captured
-+ one batch's forward temporaries. For that, a streamed calibration is *lean* by default
-(``BlockStream(lean=True)``): each stage's forward reruns the block from its inputs with no
-recorded outputs (``sequential``'s rerun path, ``replay`` budget 0) instead of the lockstep
-forwards, whose paused forwards hold every batch's live activations (SmolLM2 at P1,
-measured: 2.8 GB over the 0.4 GB bound, about 19 × the block's inputs) — same codes, about
-1.5 × the forward work (BENCHMARKS.md, "Streaming: peak memory"). ``lean=False`` uses the
-in-memory defaults (lockstep; replay).
+Resident memory: one block's weights (float, then quantized) + one batch's forward
+temporaries + the non-block parameters only while the first block's inputs are captured.
+The calibration activations (inputs and outputs of one block for all windows, ``2·n·T·d·4``
+bytes) are **spilled to disk** by default: from the moment the first block's inputs are
+captured (and when a saved state is resumed) to the end of the run they live in two files in
+a temporary directory ``.babai-spill-*`` under ``spill_dir`` (default: the system's
+temporary directory; the CLI: next to ``--out``, or ``--spill-dir``), written batch by batch
+as a block's last forward produces them and read batch by batch by every stage forward
+(``spill``); the directory is removed when ``quantize_model`` returns, raises or is
+interrupted. ``spill=False`` keeps them in memory; the position embeddings and masks, equal
+for every batch, are kept once (``shared_inputs``) and always in memory. For that, a
+streamed calibration is *lean* by default (``BlockStream(lean=True)``): each stage's forward
+reruns the block from its inputs with no recorded outputs (``sequential``'s rerun path,
+``replay`` budget 0) instead of the lockstep forwards, whose paused forwards hold every
+batch's live activations (SmolLM2 at P1, measured: 2.8 GB over the 0.4 GB bound, about 19 ×
+the block's inputs) — same codes, about 1.5 × the forward work (BENCHMARKS.md, "Streaming:
+peak memory"). ``lean=False`` uses the in-memory defaults (lockstep; replay; no spilling).
+glibc's heap would still grow block after block from fragmentation, so the stream fixes its
+mmap threshold when it begins and trims the heap after each block (``allocator``). Measured
+on SmolLM2 at P1 (128 × 512 windows, all 30 blocks): 267 MiB above the interpreter's
+resident set at the peak, which comes before block 0 (embedding + first inputs), 0.67 × the
+issue's bound (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -49,7 +60,9 @@ from torch import nn
 
 from babai_ao.errors import BabaiError
 
+from . import allocator as _allocator
 from .resume import CalibrationState
+from .spill import SpillDir, SpilledInputs, SpillWriter
 
 BlockInputs = list[tuple[torch.Tensor, tuple, dict]]
 
@@ -215,19 +228,38 @@ class BlockStream:
     ``state``: a ``CalibrationState`` to record finished blocks in and resume from.
     ``on_block(b, model)``: called after block ``b`` is loaded (tests use it to check that
     every other block is on ``meta``, or to simulate a crash). ``lean``: calibrate with the
-    least activation memory (the module docstring; codes unchanged).
+    least activation memory (the module docstring; codes unchanged). ``spill``: keep the
+    block's inputs and outputs on disk (``spill.py``; ``None``: when ``lean``), in a
+    temporary directory under ``spill_dir`` (``None``: the system's temporary directory).
+    ``allocator`` (``allocator.MODES``): ``"mmap"`` fixes glibc's mmap threshold when the
+    calibration begins and trims the heap after each block, ``"trim"`` only trims,
+    ``"off"`` leaves malloc alone (``allocator.py``; process-wide; no effect on values).
     """
 
     def __init__(self, source: WeightSource, sink: BlockSink | None = None,
                  state: CalibrationState | None = None,
                  on_block: Callable[[int, nn.Module], None] | None = None,
-                 lean: bool = True) -> None:
+                 lean: bool = True, spill: bool | None = None,
+                 spill_dir: str | os.PathLike | None = None,
+                 allocator: str = _allocator.DEFAULT) -> None:
+        if spill and not lean:
+            raise BabaiError("BlockStream(spill=True, lean=False): the lockstep forwards of a "
+                             "non-lean stream hold every batch's activations anyway; use "
+                             "lean=True to spill, or spill=False")
+        if allocator not in _allocator.MODES:
+            raise BabaiError(f"BlockStream(allocator={allocator!r}): choose one of "
+                             f"{_allocator.MODES}")
         self.source = source
         self.sink = sink
         self.state = state
         self.on_block = on_block
         self.lean = lean
+        self.spill = lean if spill is None else spill
+        self.spill_dir = spill_dir
+        self.allocator = allocator
         self.resumed_from = 0
+        self._spill: SpillDir | None = None
+        self._writer: SpillWriter | None = None
         self._model: nn.Module | None = None
         self._stack: nn.ModuleList | None = None
         self._path = ""
@@ -271,18 +303,79 @@ class BlockStream:
         """``(first block to calibrate, its inputs, report rows of blocks already done)``."""
         self._model, self._stack, self._path = model, stack, path
         self._check(model)
+        if self.allocator == "mmap":
+            _allocator.fix_mmap_threshold()
+        if self.spill:
+            self._spill = SpillDir(self.spill_dir)
         if self.state is not None:
             self.state.bind(fingerprint(model, batches, settings), len(stack))
             saved = self.state.load()
             if saved is not None:
                 self.resumed_from = saved[0]
-                return saved
+                return saved[0], self._spilled(saved[0], saved[1]), saved[2]
         self._materialize(model, "", exclude=f"{path}.")  # embedding, final norm, head
         try:
             inputs = shared_inputs(first_inputs())
         finally:
             self._release(model)
-        return 0, inputs, []
+        return 0, self._spilled(0, inputs), []
+
+    def _spilled(self, b: int, inputs: BlockInputs) -> Sequence[Any]:
+        """Block ``b``'s inputs on disk when spilling (the list is dropped), else as given."""
+        if self._spill is None:
+            return inputs
+        return self._spill.spill(f"acts-{b}.bin", inputs)
+
+    def outputs(self, b: int) -> list[torch.Tensor] | SpillWriter:
+        """Where block ``b``'s calibration forwards put its outputs (``append``): its spill
+        file, or a list in memory."""
+        if self._spill is None:
+            return []
+        if self._writer is not None:
+            self._writer.discard()
+        self._writer = self._spill.writer(f"acts-{b + 1}.bin")
+        return self._writer
+
+    def next_inputs(self, outputs: Sequence[torch.Tensor] | SpillWriter,
+                    inputs: Sequence[Any]) -> Sequence[Any]:
+        """The next block's inputs: ``outputs`` with the other arguments of ``inputs``; when
+        spilling, on disk (``outputs`` written there if the forwards returned a list), and
+        the inputs' file deleted."""
+        if self._spill is None:
+            return [(out, inp[1], inp[2]) for out, inp in zip(outputs, inputs)]
+        writer, self._writer = self._writer, None
+        if writer is None:
+            raise BabaiError("BlockStream.next_inputs before outputs(b): quantize_model calls "
+                             "them in order")
+        if outputs is not writer:
+            for out in outputs:
+                writer.append(out)
+        if isinstance(inputs, SpilledInputs):
+            extras = inputs.extras()
+            inputs.remove()
+        else:
+            extras = [(args, kwargs) for _, args, kwargs in inputs]
+        if not len(writer):  # the last block: no next inputs
+            writer.discard()
+            return []
+        return writer.finish(extras)
+
+    def close(self) -> None:
+        """Remove the spilled activations (after the run, an error or Ctrl-C) and let glibc
+        serve large blocks from its heap again (``allocator.settle_mmap_threshold``)."""
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        if self.allocator == "mmap":  # the fixed threshold's time cost ends with the stream
+            _allocator.settle_mmap_threshold()
+
+    @property
+    def spill_path(self) -> Path | None:
+        """The spill directory while the calibration runs."""
+        return None if self._spill is None else self._spill.path
 
     def load_block(self, b: int) -> None:
         self._materialize(self._stack[b], f"{self._path}.{b}.")
@@ -296,6 +389,8 @@ class BlockStream:
         if self.sink is not None:
             self.sink.write_block(b, {f"{self._path}.{b}.{k}": v
                                       for k, v in block.state_dict().items()})
-        if self.state is not None:
-            self.state.save(b + 1, next_inputs, rows)
+        if self.state is not None:  # (spilled inputs are read into memory to be saved)
+            self.state.save(b + 1, list(next_inputs), rows)
         self._release(block)
+        if self.allocator != "off":
+            _allocator.trim()

@@ -18,6 +18,12 @@ stored (rounded) scales, is below the untuned block's; otherwise nothing is chan
 two full forwards also give the block's outputs (the next block's inputs), so tuning costs
 one float forward of the block (the target), one more forward, and the steps.
 
+Inside a ``torch.distributed`` calibration each rank holds its share of the batches; the
+steps draw their batch from all of them and the rank holding it computes the gradient, which
+every rank receives (``distributed.share_gradients``); the full-window losses are summed
+per batch over the ranks (``distributed.gather_batch_sums``). So every rank takes the same
+steps and keeps or drops the same tuning as one process does with the same windows.
+
 The certificate of each tuned layer is recomputed: ``E = tr((W − Ŵ)(H + λI)(W − Ŵ)ᵀ)`` and
 its undamped form with the layer's Hessian ``H`` from calibration. Babai's bound
 ``B = ¼·Σⱼ dⱼsⱼ²`` is a statement about the Babai codes on the original grid, so the report
@@ -41,6 +47,7 @@ from babai_ao.errors import BabaiError
 from babai_ao.kernels import cpu_int4
 from babai_ao.lattice.hessian import damped
 
+from . import distributed
 from .blocks import run_block
 from .layers import is_conv1d, is_quantizable
 
@@ -182,15 +189,22 @@ def _mse(block: nn.Module, overrides: dict[str, torch.Tensor],
 
 def _forward_all(block: nn.Module, overrides: dict[str, torch.Tensor], inputs: Inputs,
                  targets: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
-    """Mean squared error over all windows, and the block's outputs."""
-    outputs, total, count = [], 0.0, 0
+    """Mean squared error over all windows (of every rank: summed per batch, in batch
+    order), and the block's outputs (on this rank's inputs)."""
+    outputs, sums = [], []
     with torch.no_grad():
         for (hidden, args, kwargs), t in zip(inputs, targets):
             out = functional_call(block, overrides, (hidden, *args), kwargs, strict=False)
             out = out[0] if isinstance(out, tuple) else out
-            total += float((out.float() - t.float()).pow(2).sum())
-            count += t.numel()
+            sums.append((float((out.float() - t.float()).pow(2).sum()), float(t.numel())))
             outputs.append(out)
+    where = distributed.layout()
+    if where is not None:
+        sums = distributed.gather_batch_sums(sums, where[1], len(where[0]))
+    total, count = 0.0, 0
+    for s, n in sums:
+        total += s
+        count += int(n)
     return total / count, outputs
 
 
@@ -226,14 +240,21 @@ def tune_block(block: nn.Module, reference: nn.Module, inputs: Inputs,
     optimizer = torch.optim.Adam(params.parameters(), lr=settings.lr)
     was_training = block.training
     block.eval()
+    # the batches of the whole calibration (distributed: all ranks'), this rank's first one
+    sizes, first = distributed.layout() or (None, 0)
+    batches = len(inputs) if sizes is None else len(sizes)
     for _ in range(settings.steps):
-        i = int(torch.randint(len(inputs), (1,), generator=generator))
-        n = inputs[i][0].shape[0]
+        i = int(torch.randint(batches, (1,), generator=generator))
+        n = inputs[i][0].shape[0] if sizes is None else sizes[i]
         pick = torch.randperm(n, generator=generator)[:min(settings.windows, n)]
-        loss = _mse(block, params.overrides(), _slice_windows(inputs[i], pick),
-                    targets[i].index_select(0, pick.to(targets[i].device)))
+        owner = distributed.owner_of(i)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if owner == distributed.rank():  # this rank holds the batch: its gradient
+            here = i - first
+            loss = _mse(block, params.overrides(), _slice_windows(inputs[here], pick),
+                        targets[here].index_select(0, pick.to(targets[here].device)))
+            loss.backward()
+        distributed.share_gradients(params.parameters(), owner)  # no-op in one process
         optimizer.step()
     block.train(was_training)
     loss_after, tuned_outputs = _forward_all(block, params.overrides(stored), inputs, targets)

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-state", metavar="DIR",
                    help="streamed run (implies --stream) that saves finished blocks and the next "
                         "block's inputs in DIR; rerunning the same command resumes there")
+    q.add_argument("--spill-dir", metavar="DIR",
+                   help="streamed run: where the calibration activations are kept on disk "
+                        "while it runs (a temporary directory inside DIR, removed at the end; "
+                        "default: next to --out)")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--nproc", type=int, default=1,
                    help="processes to calibrate in (torch.distributed, launched with torchrun: "

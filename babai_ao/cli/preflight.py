@@ -7,7 +7,8 @@ weights), so a bad request fails in a second with one line, ``babai-ao: error: <
 * numbers in range (windows, lengths, token counts, threads, blocks to keep);
 * sequence lengths against the model's context, ``--num-layers`` against its depth;
 * ``--group-size`` against every decoder linear's ``in_features`` (from the config);
-* combinations: ``--stream`` / ``--save-state`` (calibrated modes, float sources), the
+* combinations: ``--stream`` / ``--save-state`` / ``--spill-dir`` (calibrated modes, float
+  sources, an existing spill directory), the
   no-clipping formats' rate arguments, ``--clip false`` (the packed
   format cannot hold codes outside the b-bit range), export modes and file suffixes,
   ``--nproc`` (a calibration mode, at least one calibration batch per process);
@@ -148,8 +149,14 @@ def _compressed_tensors_export(args: argparse.Namespace) -> None:
 
 def _streaming(args: argparse.Namespace) -> None:
     """``--stream`` / ``--save-state``: a float source, a calibrated mode, a usable state dir."""
+    spill = getattr(args, "spill_dir", None)
     if not (getattr(args, "stream", False) or getattr(args, "save_state", None)):
+        if spill:
+            raise BabaiError("--spill-dir is for streamed runs: add --stream (or drop it)")
         return
+    if spill and not Path(spill).is_dir():
+        raise BabaiError(f"--spill-dir {spill} is not an existing directory: create it or give "
+                         "another one")
     flag = "--save-state" if args.save_state else "--stream"
     if args.mode == "rtn":
         raise BabaiError(f"{flag} streams calibrated runs: use --mode sequential or observe "

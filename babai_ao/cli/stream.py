@@ -11,7 +11,9 @@ Without ``--save-state`` the shards go to the temporary sibling of ``--out``, wh
 complete, ``output.atomic_directory``). With ``--save-state DIR`` the shards and the
 resumable state (``calibration.resume``) go to ``DIR``: a rerun of the same command resumes
 after the last finished block, with the same final codes; once ``--out`` is written, the
-state's files are removed.
+state's files are removed. While the run is on, the calibration activations (one block's
+inputs and outputs) are kept in a temporary ``.babai-spill-*`` directory next to ``--out``
+(or inside ``--spill-dir``), removed when the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -75,14 +77,17 @@ def quantize_streamed(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         state = CalibrationState(state_dir) if state_dir else None
         if state is not None and state.next_block:
             say(f"resuming from {state_dir}: {state.next_block} of {len(stack)} blocks done")
-        stream = BlockStream(source, sink, state)
+        # the activations spill next to --out (same disk as the output) or into --spill-dir
+        stream = BlockStream(source, sink, state,
+                             spill_dir=args.spill_dir or out.resolve().parent)
         record = quantize_loaded(model, tokenizer, args, config,
                                  progress=not args.no_progress, stream=stream)
         sink.commit(model, source, tmp, config, path)
         record["avg_bits_per_weight"] = stored_bits_per_weight(tmp)
         record["stream"] = {"checkpoint": str(checkpoint), "resumed_from_block":
                             stream.resumed_from, "save_state": args.save_state,
-                            "lean": stream.lean}
+                            "lean": stream.lean, "spill": stream.spill,
+                            "spill_dir": str(args.spill_dir or out.resolve().parent)}
         record.update(Depth(kept, total).fields())
         tokenizer.save_pretrained(tmp)
         write_json(tmp / RUN_FILE, record)
