@@ -8,6 +8,7 @@ code was clipped. ``hessian=None`` means ``H = I``: plain round-to-nearest on th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,21 @@ def _check_weight(weight: torch.Tensor, group_size: int | None) -> int:
     return g
 
 
+ROW_CHUNK = 1 << 25  # weights per chunk of rows when there is no Hessian (RTN)
+
+
+def _stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Row chunks of one weight quantized alike (same columns, order, grid) as one result;
+    the certificate's sums add up over the chunks."""
+    first = parts[0].certificate
+    total = {f: sum(getattr(p.certificate, f) for p in parts)
+             for f in ("error", "error_undamped", "identity", "bound", "clipped")}
+    return dataclasses.replace(
+        parts[0], codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]), zeros=torch.cat([p.zeros for p in parts]),
+        certificate=dataclasses.replace(first, **total))
+
+
 def quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor | None = None,
@@ -145,6 +161,14 @@ def quantize_weight(
         raise BabaiError(f"k={k!r} must be an integer >= 1 (survivors per row; e.g. 16)")
     beam = k
     n, k = weight.shape
+    if hessian is None and scales is None and n * k > ROW_CHUNK and n > 1:
+        # H = I: every row is rounded on its own; rows in chunks bound the temporaries
+        rows = max(1, ROW_CHUNK // k)
+        return _stack_rows([
+            quantize_weight(weight[i:i + rows], None, group_size=group_size, order=order,
+                            damp=damp, block_size=block_size, dtype=dtype,
+                            static_groups=static_groups, grid=grid, search=search, k=beam)
+            for i in range(0, n, rows)])
     w = weight.detach().to(dtype).clone()
     if hessian is None:
         h0 = torch.eye(k, dtype=dtype, device=w.device)
