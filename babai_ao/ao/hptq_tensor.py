@@ -60,11 +60,12 @@ class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
     optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
     # kernels.cpu_hptq's layout (a cache, never saved: ``cpu_layout``)
-    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_sparse_rows",
-                        "cpu_sparse_cols", "cpu_sparse_val"]
+    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_hi_rows",
+                        "cpu_sparse_rows", "cpu_sparse_cols", "cpu_sparse_val"]
     cpu_int4pack: torch.Tensor | None = None
     cpu_scale_zero: torch.Tensor | None = None
     cpu_row_scale: torch.Tensor | None = None
+    cpu_hi_rows: torch.Tensor | None = None
     cpu_sparse_rows: torch.Tensor | None = None
     cpu_sparse_cols: torch.Tensor | None = None
     cpu_sparse_val: torch.Tensor | None = None
