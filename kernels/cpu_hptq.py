@@ -49,7 +49,7 @@ GROUP_SIZES = (256, 128, 64, 32)  # int4pack's groups, largest first
 WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
 MAX_OFFSET = 248  # |o| + 8 ≤ 256: every integer the kernel forms is exact in bf16
 MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
-ENTRY_COST = 64  # one sparse entry costs about as much as this many int4pack weights
+ENTRY_COST = 128  # one sparse entry (serial atomic add) ≈ this many int4pack weights
 CHUNK = 512  # sparse entries per scatter: below inductor's parallel threshold (512·threads)
 ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
 
