@@ -13,19 +13,29 @@ group ``g`` of ``group`` columns we pick the offset ``o[n, g]`` whose window
 ``C₄`` goes to ``_weight_int4pack_mm_for_cpu`` as nibbles ``q = C₄ − o + 8 ∈ [0, 15]`` with
 the kernel's per-group affine map ``(q − 8)·a + c`` at ``a = 1``, ``c = o`` — integers the
 kernel reconstructs exactly (``|o| ≤ MAX_OFFSET``, so every weight it forms is an integer of
-magnitude ≤ 256, exact in bf16 and fp32). ``Δ`` is stored as its nonzero entries (rows,
-columns, values; COO in row order) and applied as a gather, a product and an ``index_add``
-(not a row-padded ELL layout, which would fuse into one gather-and-sum: the off-window codes
-crowd into a few rows — on SmolLM2 blocks 0–1 at 3.3 bits the longest row holds 6–180 of
-them while most hold 0–3 — so padding every row to the longest would hold 2–440× more
-entries than there are). The layer computes,
-in fp32 after the kernel's bf16 output,
+magnitude ≤ 256, exact in bf16 and fp32).
 
-    y = s_n · ( bf16(x·C₄ᵀ) + x·Δᵀ ) + b,
+The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
+layer holds 2–390 of them while most hold 0–3), and a sparse entry costs far more than a
+weight of the kernel (a gather, a product and an add into the output: ≈ ``ENTRY_COST``
+weights). So the ``H`` rows holding the most (``heavy_rows``: ``H`` ∈ {0, 16, 32, 64, …}
+minimizing ``H·K + ENTRY_COST·(entries left + H)``) get a second int4pack row each, appended
+after the ``N`` window rows: there ``C − o = lo + 16·r`` with ``lo, r ∈ [−8, 7]``, the window
+row holds ``lo`` and the hi row ``r`` at scale 16, zero 0 (``split_heavy``), so the two rows'
+integer weights sum to the codes exactly. What is left of ``Δ`` (the light rows' entries)
+is stored as COO (int32 rows and columns, fp32 values, in row order, zero-padded:
+``padded_length``). The layer computes, in fp32 after the kernel's bf16 output
+``out = bf16(x·[C₄; Hi]ᵀ)`` [M, N + H],
 
-so the weight is exact (no scale is rounded to bf16, unlike the plain 4-bit path, whose
-``a``, ``c`` are bf16), and the only roundings are the kernel's fp32-accumulated bf16 output
-(the same output rounding as our 4-bit path) and the final cast to the activation dtype.
+    y = s_n · ( out[:, :N] + Σ_j out[:, N + j]·e_{hi_rows[j]} + x·Δᵀ ) + b,
+
+the two sums as ``index_add`` scatters in pieces of at most ``CHUNK`` = 512 entries: inductor
+runs a loop on all threads once it has ≥ 512·threads iterations, and two threads adding
+atomically into one output vector of a few hundred floats cost far more than the adds
+(BENCHMARKS.md, "HPTQ at 4-bit speed: hi rows + serial scatter"). The weight is exact (no
+scale is rounded to bf16, unlike the plain 4-bit path, whose ``a``, ``c`` are bf16); the
+roundings are the kernel's fp32-accumulated bf16 outputs (one per window row and hi row;
+a heavy row's output is the sum of two) and the final cast to the activation dtype.
 Like ``Int4PackLinear`` it computes in bf16 (fp32 activations are cast).
 
 ``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
