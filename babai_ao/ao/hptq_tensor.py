@@ -15,7 +15,8 @@ nibble row for the rows with the most codes off it) plus a sparse correction for
 from a layout built on the first call (or when ``torch.compile`` first sees the weight) and
 kept on the tensor, never saved (``cpu_layout``); where that layout does not fit, under
 ``babai_ao.cpu_kernel("exact")`` and inside babai-ao's calibration and perplexity
-(``kernels.cpu_int4.exact_forwards``) the reference, which decodes on every call (run ``decode_model`` there before export).
+(``kernels.cpu_int4.exact_forwards``) the reference, which decodes on every call (run
+``decode_model`` there before export).
 ``prepare_hptq_cpu(weight, bias)`` gives the same form as a module (``prepare_cpu``).
 """
 
