@@ -59,8 +59,9 @@ GROUP_SIZES = (256, 128, 64, 32)  # int4pack's groups, largest first
 WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
 MAX_OFFSET = 248  # |o| + 8 ≤ 256: every integer the kernel forms is exact in bf16
 MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
-ENTRY_COST = 128  # one sparse entry (serial atomic add) ≈ this many int4pack weights
+ENTRY_COST = 256  # one sparse entry (serial atomic add) ≈ this many int4pack weights
 CHUNK = 512  # sparse entries per scatter: below inductor's parallel threshold (512·threads)
+HI_ROW_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
 
 
@@ -98,20 +99,19 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
 
 
 def heavy_rows(delta: torch.Tensor, in_features: int) -> int:
-    """How many of the rows holding the most off-window codes get a hi row (0 or a power of
-    two ≥ 16, at most ``N``): the count minimizing ``H·K + ENTRY_COST·(entries left + H)``,
-    the int4pack weights the hi rows add against the sparse entries they remove (each hi row
-    is one more entry, its scatter into its row). Powers of two keep the number of distinct
-    shapes, hence compiled kernels, small."""
+    """How many of the rows holding the most off-window codes get a hi row: the count in
+    ``HI_ROW_COUNTS`` (at most ``N``) minimizing ``H·K + ENTRY_COST·(entries left)``, the
+    int4pack weights the hi rows add against the sparse entries they remove. A few fixed
+    counts keep the number of distinct shapes, hence compiled kernels, small."""
     counts = (delta != 0).sum(1).sort(descending=True).values
     total = int(counts.sum())
     best, best_cost = 0, float(total * ENTRY_COST)
-    h = 16
-    while h <= counts.numel():
-        cost = h * in_features + ENTRY_COST * (total - int(counts[:h].sum()) + h)
+    for h in HI_ROW_COUNTS:
+        if h > counts.numel():
+            break
+        cost = h * in_features + ENTRY_COST * (total - int(counts[:h].sum()))
         if cost < best_cost:
             best, best_cost = h, cost
-        h *= 2
     return best
 
 
@@ -240,8 +240,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale_zero)
     y = out[:, :n].float()
-    if hi_rows.numel():  # y[:, hi_rows[j]] += out[:, n + j] (static under compile)
-        y = y.index_add(1, hi_rows, out[:, n:].float())
+    if hi_rows.numel():  # y[:, hi_rows[j]] += out[:, n + j]: distinct rows, a plain store
+        y[:, hi_rows] = y[:, hi_rows] + out[:, n:].float()
     if val.numel():  # y[:, n] += x[:, k]·Δ[n, k] over the entries
         xf = x2.float()
         for i in range(0, val.numel(), CHUNK):

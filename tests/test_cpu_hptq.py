@@ -128,7 +128,7 @@ def test_output_is_the_stated_rounding_of_exact_math(m, dtype, heavy):
     scale = torch.tensor([0.0123], dtype=torch.float16)
     bias = torch.randn(n)
     layer = cpu_hptq.prepare_hptq_cpu(codes, scale, bias, max_sparse_fraction=1.0, heavy=heavy)
-    assert layer is not None and layer.sparse_count > 0
+    assert layer is not None and layer.sparse_count + layer.hi_rows.numel() > 0
     if heavy is not None:
         assert layer.hi_rows.numel() == heavy
     c4, delta = _integer_weight(layer)
@@ -156,18 +156,17 @@ def test_heavy_rows_get_hi_rows_and_stay_exact():
     codes[1::8, ::128] += 40  # light rows with two far codes each: sparse entries
     q, delta = split_codes(codes, window_offsets(codes, 256), 256)
     h = cpu_hptq.heavy_rows(delta, k)
-    assert h == 32  # exactly the wide rows
     counts = (delta != 0).sum(1).sort(descending=True).values
-    cost = {c: c * k + cpu_hptq.ENTRY_COST * (int(counts[c:].sum()) + c)
-            for c in (0, 16, 32, 64, 128)}
-    assert min(cost, key=cost.get) == h
+    cost = {c: c * k + cpu_hptq.ENTRY_COST * int(counts[c:].sum())
+            for c in (0, *cpu_hptq.HI_ROW_COUNTS) if c <= n}
+    assert min(cost, key=cost.get) == h >= 32
     layer = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.01]), None,
                                       max_sparse_fraction=1.0)
-    assert sorted(layer.hi_rows.tolist()) == list(range(0, n, 4))
-    light = torch.ones(n, dtype=torch.bool)
-    light[::4] = False
+    hi = set(layer.hi_rows.tolist())
+    assert len(hi) == h and set(range(0, n, 4)) <= hi  # every wide row has a hi row
+    light = torch.tensor([r not in hi for r in range(n)])
     assert int((delta[::4] != 0).sum()) > 1000 and layer.sparse_count == int(
-        (delta[light] != 0).sum()) >= 32  # only the light rows' entries are left
+        (delta[light] != 0).sum())  # only the other rows' entries are left
     c4, d = _integer_weight(layer)
     assert torch.equal(c4 + d, codes.float())
     wide = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.01]), None,
