@@ -24,7 +24,6 @@ import statistics
 import time
 
 import torch
-from kernels_cpu import _generation as generation  # same directory (run as a script)
 
 
 def _linears(module: torch.nn.Module, name: str) -> bool:
@@ -80,6 +79,23 @@ def variants(layers: int, cache: str | None = None) -> tuple[dict[str, torch.nn.
     return {"bf16": bf16, "babai 4-bit g64, prepare_cpu (int4pack)": four,
             "HPTQ 3.3 bits, int8 rows (old form)": int8,
             "HPTQ 3.3 bits, int4pack + sparse (new form)": hptq}, facts
+
+
+def generation(model: torch.nn.Module, tokens: int):
+    """Greedy decoding of ``tokens`` tokens with a static KV cache, compiled (one step per
+    token, as ``kernels_cpu.py --generate``)."""
+    from babai_ao.export.llm import static_cache_module
+
+    step = torch.compile(static_cache_module(model, tokens))
+
+    def run() -> list[int]:
+        out, tok = [], 1
+        for pos in range(tokens):
+            logits = step(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+        return out
+    return run
 
 
 def decode_steps(model: torch.nn.Module, steps: int):

@@ -13,19 +13,29 @@ group ``g`` of ``group`` columns we pick the offset ``o[n, g]`` whose window
 ``C₄`` goes to ``_weight_int4pack_mm_for_cpu`` as nibbles ``q = C₄ − o + 8 ∈ [0, 15]`` with
 the kernel's per-group affine map ``(q − 8)·a + c`` at ``a = 1``, ``c = o`` — integers the
 kernel reconstructs exactly (``|o| ≤ MAX_OFFSET``, so every weight it forms is an integer of
-magnitude ≤ 256, exact in bf16 and fp32). ``Δ`` is stored as its nonzero entries (rows,
-columns, values; COO in row order) and applied as a gather, a product and an ``index_add``
-(not a row-padded ELL layout, which would fuse into one gather-and-sum: the off-window codes
-crowd into a few rows — on SmolLM2 blocks 0–1 at 3.3 bits the longest row holds 6–180 of
-them while most hold 0–3 — so padding every row to the longest would hold 2–440× more
-entries than there are). The layer computes,
-in fp32 after the kernel's bf16 output,
+magnitude ≤ 256, exact in bf16 and fp32).
 
-    y = s_n · ( bf16(x·C₄ᵀ) + x·Δᵀ ) + b,
+The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
+layer holds 2–390 of them while most hold 0–3), and a sparse entry costs far more than a
+weight of the kernel (a gather, a product and an add into the output: ≈ ``ENTRY_COST``
+weights). So the ``H`` rows holding the most (``heavy_rows``: ``H`` ∈ {0, 16, 32, 64, …}
+minimizing ``H·K + ENTRY_COST·(entries left + H)``) get a second int4pack row each, appended
+after the ``N`` window rows: there ``C − o = lo + 16·r`` with ``lo, r ∈ [−8, 7]``, the window
+row holds ``lo`` and the hi row ``r`` at scale 16, zero 0 (``split_heavy``), so the two rows'
+integer weights sum to the codes exactly. What is left of ``Δ`` (the light rows' entries)
+is stored as COO (int32 rows and columns, fp32 values, in row order, zero-padded:
+``padded_length``). The layer computes, in fp32 after the kernel's bf16 output
+``out = bf16(x·[C₄; Hi]ᵀ)`` [M, N + H],
 
-so the weight is exact (no scale is rounded to bf16, unlike the plain 4-bit path, whose
-``a``, ``c`` are bf16), and the only roundings are the kernel's fp32-accumulated bf16 output
-(the same output rounding as our 4-bit path) and the final cast to the activation dtype.
+    y = s_n · ( out[:, :N] + Σ_j out[:, N + j]·e_{hi_rows[j]} + x·Δᵀ ) + b,
+
+the two sums as ``index_add`` scatters in pieces of at most ``CHUNK`` = 512 entries: inductor
+runs a loop on all threads once it has ≥ 512·threads iterations, and two threads adding
+atomically into one output vector of a few hundred floats cost far more than the adds
+(BENCHMARKS.md, "HPTQ at 4-bit speed: hi rows + serial scatter"). The weight is exact (no
+scale is rounded to bf16, unlike the plain 4-bit path, whose ``a``, ``c`` are bf16); the
+roundings are the kernel's fp32-accumulated bf16 outputs (one per window row and hi row;
+a heavy row's output is the sum of two) and the final cast to the activation dtype.
 Like ``Int4PackLinear`` it computes in bf16 (fp32 activations are cast).
 
 ``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
@@ -49,6 +59,9 @@ GROUP_SIZES = (256, 128, 64, 32)  # int4pack's groups, largest first
 WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
 MAX_OFFSET = 248  # |o| + 8 ≤ 256: every integer the kernel forms is exact in bf16
 MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
+ENTRY_COST = 256  # one sparse entry (serial atomic add) ≈ this many int4pack weights
+CHUNK = 512  # sparse entries per scatter: below inductor's parallel threshold (512·threads)
+HI_ROW_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
 
 
@@ -85,9 +98,45 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
     return q, codes - (q - WINDOW // 2 + o)
 
 
+def heavy_rows(delta: torch.Tensor, in_features: int) -> int:
+    """How many of the rows holding the most off-window codes get a hi row: the count in
+    ``HI_ROW_COUNTS`` (at most ``N``) minimizing ``H·K + ENTRY_COST·(entries left)``, the
+    int4pack weights the hi rows add against the sparse entries they remove. A few fixed
+    counts keep the number of distinct shapes, hence compiled kernels, small."""
+    counts = (delta != 0).sum(1).sort(descending=True).values
+    total = int(counts.sum())
+    best, best_cost = 0, float(total * ENTRY_COST)
+    for h in HI_ROW_COUNTS:
+        if h > counts.numel():
+            break
+        cost = h * in_features + ENTRY_COST * (total - int(counts[:h].sum()))
+        if cost < best_cost:
+            best, best_cost = h, cost
+    return best
+
+
+def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, q: torch.Tensor,
+                delta: torch.Tensor, rows: torch.Tensor, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, hi, Δ)`` with the given ``rows`` moved to two nibbles: there ``C − o = lo + 16·r``
+    with ``lo ∈ [−8, 7]`` (``q = lo + 8``, the row's window nibble) and ``r ∈ [−8, 7]``
+    (``hi = r + 8``, a second int4pack row read with scale 16, zero 0), so the two rows'
+    weights sum to ``C`` and ``Δ`` is 0 there; a code with ``r`` outside ``[−8, 7]`` keeps its
+    clamped nibble and its ``Δ``. ``hi`` [len(rows), K] int64."""
+    o = offsets[rows].repeat_interleave(group_size, dim=1)
+    v = codes[rows] - o
+    lo = torch.remainder(v + WINDOW // 2, WINDOW) - WINDOW // 2
+    r = torch.div(v - lo, WINDOW, rounding_mode="floor")
+    fits = (r >= -WINDOW // 2) & (r < WINDOW // 2)
+    q, delta = q.clone(), delta.clone()
+    q[rows] = torch.where(fits, lo + WINDOW // 2, q[rows])
+    delta[rows] = torch.where(fits, 0, delta[rows])
+    return q, torch.where(fits, r, 0) + WINDOW // 2, delta
+
+
 def coo(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The nonzeros of ``Δ`` [N, K] in row order: rows, columns (int64) and values (fp32,
-    exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries to a power of two ≥ 64 entries.
+    """The nonzeros of ``Δ`` [N, K] in row order: rows, columns (int32) and values (fp32,
+    exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries to a length :func:`padded_length`.
 
     The padding adds ``x[:, 0]·0`` to output 0. It is there for compile time: inductor bakes
     the entry count into each layer's C++ kernel, so unpadded every layer compiled its own
@@ -96,53 +145,64 @@ def coo(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     rows, cols = delta.nonzero(as_tuple=True)
     val = delta[rows, cols].to(torch.float32)
-    nnz = int(val.numel())
-    if nnz:
-        pad = max(64, 1 << (nnz - 1).bit_length()) - nnz
-        zeros = torch.zeros(pad, dtype=torch.int64)
-        rows, cols = torch.cat([rows, zeros]), torch.cat([cols, zeros])
-        val = torch.cat([val, torch.zeros(pad)])
-    return rows, cols, val
+    pad = padded_length(int(val.numel())) - int(val.numel())
+    zeros = torch.zeros(pad, dtype=torch.int64)
+    return (torch.cat([rows, zeros]).to(torch.int32), torch.cat([cols, zeros]).to(torch.int32),
+            torch.cat([val, torch.zeros(pad)]))
+
+
+def padded_length(entries: int) -> int:
+    """0, a power of two from 64 to ``CHUNK``, or the next multiple of ``CHUNK``."""
+    if entries == 0:
+        return 0
+    if entries > CHUNK:
+        return -(-entries // CHUNK) * CHUNK
+    return max(64, 1 << (entries - 1).bit_length())
 
 
 class Int4SparseLinear(nn.Module):
-    """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: the int4pack kernel on integer weights ``C₄`` plus
-    the sparse ``Δ`` (COO), computed in bf16 by the kernel and fp32 after it."""
+    """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: the int4pack kernel on the window rows (plus hi
+    rows for the heaviest rows) and the sparse ``Δ`` (COO), computed in bf16 by the kernel
+    and fp32 after it (:func:`linear`)."""
 
     def __init__(self, weight: torch.Tensor, scale_zero: torch.Tensor, scales: torch.Tensor,
-                 sparse_rows: torch.Tensor, sparse_cols: torch.Tensor, sparse_val: torch.Tensor,
-                 bias: torch.Tensor | None, group_size: int, in_features: int):
+                 hi_rows: torch.Tensor, sparse_rows: torch.Tensor, sparse_cols: torch.Tensor,
+                 sparse_val: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                 in_features: int):
         super().__init__()
-        self.register_buffer("weight_int4pack", weight)
-        self.register_buffer("scale_zero", scale_zero)  # [G, N, 2] bf16: (1, o)
+        self.register_buffer("weight_int4pack", weight)  # [N + H, K/2]: window rows, hi rows
+        self.register_buffer("scale_zero", scale_zero)  # [G, N + H, 2] bf16: (1, o), (16, 0)
         self.register_buffer("scales", scales)  # fp32 [1] or [N]
-        self.register_buffer("sparse_rows", sparse_rows)  # int64 [nnz]
-        self.register_buffer("sparse_cols", sparse_cols)  # int64 [nnz]
+        self.register_buffer("hi_rows", hi_rows)  # int32 [H]: the row each hi row adds to
+        self.register_buffer("sparse_rows", sparse_rows)  # int32 [nnz]
+        self.register_buffer("sparse_cols", sparse_cols)  # int32 [nnz]
         self.register_buffer("sparse_val", sparse_val)  # fp32 [nnz]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.group_size, self.in_features = group_size, in_features
-        self.out_features = weight.shape[0]
+        self.out_features = weight.shape[0] - hi_rows.numel()
         self.sparse_count = int((sparse_val != 0).sum())  # nonzeros of Δ, padding excluded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight_int4pack, self.scale_zero, self.scales, self.sparse_rows,
-                      self.sparse_cols, self.sparse_val, self.bias, self.group_size,
-                      self.in_features)
+        return linear(x, self.weight_int4pack, self.scale_zero, self.scales, self.hi_rows,
+                      self.sparse_rows, self.sparse_cols, self.sparse_val, self.bias,
+                      self.group_size, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, int4pack + {self.sparse_count} sparse "
-                "(bf16 compute)")
+                f"group_size={self.group_size}, int4pack + {self.hi_rows.numel()} hi rows + "
+                f"{self.sparse_count} sparse (bf16 compute)")
 
 
 def build_layout(codes: torch.Tensor, scales: torch.Tensor,
-                 max_sparse_fraction: float | None = None) -> tuple[torch.Tensor, ...] | None:
-    """``(int4pack weight, scale_zero, scales, rows, cols, val)`` for ``W = s_n · C``
-    (integer ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
-    (``N % 16 ≠ 0``, no group size dividing ``K``) or more than ``max_sparse_fraction``
-    (default ``MAX_SPARSE_FRACTION``) of the weights are off their windows (then the int8
-    path is faster), or the form is turned off (``ENABLED``). The group size is
-    ``K // scale_zero.shape[0]``."""
+                 max_sparse_fraction: float | None = None,
+                 heavy: int | None = None) -> tuple[torch.Tensor, ...] | None:
+    """``(int4pack weight, scale_zero, scales, hi_rows, rows, cols, val)`` for
+    ``W = s_n · C`` (integer ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it
+    cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``) or more than
+    ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights are off their
+    windows (then the int8 path is faster), or the form is turned off (``ENABLED``). The
+    group size is ``K // scale_zero.shape[0]``; ``heavy`` overrides :func:`heavy_rows` (how
+    many rows get a hi row)."""
     n, k = codes.shape
     group = group_size_for(k)
     if not ENABLED or group is None or n % 16:
@@ -154,32 +214,51 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
     q, delta = split_codes(codes, offsets, group)
     if int((delta != 0).sum()) > max_sparse_fraction * n * k:
         return None
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    scale_zero = torch.stack([torch.ones(n, k // group), offsets.to(torch.float32)], -1)
+    h = heavy_rows(delta, k) if heavy is None else heavy
+    rows = (delta != 0).sum(1).sort(descending=True, stable=True).indices[:h]
+    q, hi, delta = split_heavy(codes, offsets, q, delta, rows, group)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.cat([q, hi]).to(torch.int32), 1)
+    g = k // group
+    scale_zero = torch.cat([torch.stack([torch.ones(n, g), offsets.to(torch.float32)], -1),
+                            torch.stack([torch.full((h, g), float(WINDOW)),
+                                         torch.zeros(h, g)], -1)])
     return (weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
-            scales.reshape(-1).to(torch.float32), *coo(delta))
+            scales.reshape(-1).to(torch.float32), rows.to(torch.int32), *coo(delta))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
-           scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor,
-           bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
-    """``y = s_n·(bf16(x·C₄ᵀ) + x·Δᵀ) + b`` in ``x.dtype`` (``x`` rounded to bf16; fp32
-    after the kernel), aten ops only, so a compiled graph calls the kernel itself."""
+           scales: torch.Tensor, hi_rows: torch.Tensor, rows: torch.Tensor,
+           cols: torch.Tensor, val: torch.Tensor, bias: torch.Tensor | None,
+           group_size: int, in_features: int) -> torch.Tensor:
+    """``y = s_n·(bf16(x·C₄ᵀ) + bf16(x·Hiᵀ) + x·Δᵀ) + b`` in ``x.dtype`` (``x`` rounded to
+    bf16; fp32 after the kernel; the hi rows' outputs added to their rows), aten ops only,
+    so a compiled graph calls the kernel itself. The scatters run in pieces of at most
+    ``CHUNK`` entries: inductor runs a loop of ≥ 512·threads iterations on all threads, and
+    atomic adds from two threads into one small output vector cost far more than the adds."""
+    n = weight.shape[0] - hi_rows.numel()
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale_zero).float()
-    if val.numel():  # y[:, n] += x[:, k]·Δ[n, k] over the entries (static under compile)
-        y = y.index_add(1, rows, x2.float()[:, cols] * val)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale_zero)
+    y = out[:, :n].float()
+    if hi_rows.numel():  # y[:, hi_rows[j]] += out[:, n + j]: distinct rows, a plain store
+        y[:, hi_rows] = y[:, hi_rows] + out[:, n:].float()
+    if val.numel():  # y[:, n] += x[:, k]·Δ[n, k] over the entries
+        xf = x2.float()
+        for i in range(0, val.numel(), CHUNK):
+            c = slice(i, i + CHUNK)
+            y = y.index_add(1, rows[c], xf[:, cols[c]] * val[c])
     y = y * scales
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                     max_sparse_fraction: float | None = None) -> Int4SparseLinear | None:
+                     max_sparse_fraction: float | None = None, heavy: int | None = None
+                     ) -> Int4SparseLinear | None:
     """The int4pack + sparse layer for ``W = s_n · C`` (:func:`build_layout`; ``None``
     where that declines)."""
-    built = build_layout(codes, scales, max_sparse_fraction)
+    built = build_layout(codes, scales, max_sparse_fraction, heavy)
     if built is None:
         return None
     k = codes.shape[1]

@@ -6,7 +6,7 @@ For CPU inference in bf16, after loading: 4-bit layers become ``Int4PackLinear``
 form are decoded first. HPTQ layers (stored or decoded) whose codes mostly fit a 16-value
 window per group become ``Int4SparseLinear`` (``cpu_hptq``: int4pack + sparse correction)
 instead, the int8 path being the fallback. Each new module's forward is the aten call
-itself (plus, for ``Int4SparseLinear``, a gather and a scale), so a compiled graph calls the
+itself (plus, for ``Int4SparseLinear``, small scatters and a scale), so a compiled graph calls the
 kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
 are cast) and hold only the kernel's layout: save the model before preparing, not after.
 Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep

@@ -66,13 +66,16 @@ def test_split_holds_exactly_the_codes_off_the_window():
 
 
 def _integer_weight(layer: Int4SparseLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C₄ read back through the int4pack kernel with x = I, Δ from the COO entries)."""
+    """(C₄ + the hi rows, read back through the int4pack kernel with x = I; Δ from the COO
+    entries)."""
     k, n = layer.in_features, layer.out_features
     eye = torch.eye(k, dtype=BF16)
-    c4 = torch.ops.aten._weight_int4pack_mm_for_cpu(
+    read = torch.ops.aten._weight_int4pack_mm_for_cpu(
         eye, layer.weight_int4pack, layer.group_size, layer.scale_zero).float().t()
+    c4 = read[:n].index_add(0, layer.hi_rows.long(), read[n:])
     delta = torch.zeros(n, k)
-    delta.index_put_((layer.sparse_rows, layer.sparse_cols), layer.sparse_val, accumulate=True)
+    delta.index_put_((layer.sparse_rows.long(), layer.sparse_cols.long()), layer.sparse_val,
+                     accumulate=True)
     return c4, delta
 
 
@@ -91,38 +94,124 @@ def test_prepared_layer_is_exactly_the_dequantized_weight(n, k, per_row):
     codes = hw.codes().float()
     assert torch.equal(c4 + delta, codes)
     assert layer.sparse_count == int((delta != 0).sum()) > 0
-    entries = layer.sparse_val.numel()  # padded with zeros to a power of two ≥ 64
-    assert entries >= 64 and entries & (entries - 1) == 0 and entries < 2 * max(64, layer.sparse_count)
+    entries = layer.sparse_val.numel()  # padded with zeros
+    assert entries == cpu_hptq.padded_length(layer.sparse_count)
     assert torch.equal(layer.scales.reshape(-1, 1) * (c4 + delta), hw.dequantize())
 
 
-@pytest.mark.parametrize("m,dtype", [(1, BF16), (5, BF16), (3, torch.float32)])
-def test_output_is_the_stated_rounding_of_exact_math(m, dtype):
-    """``y = s·(bf16(x·C₄ᵀ) + x·Δᵀ) + b``: with activations on a coarse grid every product
-    and sum is exact in fp32, so the layer matches that formula (float64 reference) bit for
-    bit; with Gaussian activations it matches ``x @ Wᵀ`` to bf16 precision."""
+def _stated_output(layer: Int4SparseLinear, x: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """``s·(bf16(x·C₄ᵀ) + bf16(x·Hiᵀ) scattered to their rows + x·Δᵀ) + b`` in float64 from
+    the layer's own integer weights (read back with x = I), each kernel output rounded once
+    to bf16; exact in fp32 when x lies on a coarse grid (every partial sum is)."""
+    k, n = layer.in_features, layer.out_features
+    read = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.eye(k, dtype=BF16), layer.weight_int4pack, layer.group_size,
+        layer.scale_zero).double().t()
+    _, delta = _integer_weight(layer)
+    xd = x.double()
+    out = (xd @ read.t()).to(BF16).double()
+    y = out[:, :n].index_add(1, layer.hi_rows.long(), out[:, n:]) + xd @ delta.double().t()
+    y = y.float() * layer.scales
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("m,dtype,heavy", [(1, BF16, 0), (5, BF16, 16), (3, torch.float32, 32),
+                                           (2, torch.float32, None)])
+def test_output_is_the_stated_rounding_of_exact_math(m, dtype, heavy):
+    """``y = s·(bf16(x·C₄ᵀ) + bf16(x·Hiᵀ) + x·Δᵀ) + b``: with activations on a coarse grid
+    every product and sum is exact in fp32, so the layer matches that formula (float64
+    reference) bit for bit, with and without hi rows; with Gaussian activations it matches
+    ``x @ Wᵀ`` to bf16 precision."""
     n, k = 64, 192
     codes = _codes(n, k, seed=m, far=0.02)
     scale = torch.tensor([0.0123], dtype=torch.float16)
     bias = torch.randn(n)
-    layer = cpu_hptq.prepare_hptq_cpu(codes, scale, bias, max_sparse_fraction=1.0)
-    assert layer is not None and layer.sparse_count > 0
+    layer = cpu_hptq.prepare_hptq_cpu(codes, scale, bias, max_sparse_fraction=1.0, heavy=heavy)
+    assert layer is not None and layer.sparse_count + layer.hi_rows.numel() > 0
+    if heavy is not None:
+        assert layer.hi_rows.numel() == heavy
+    c4, delta = _integer_weight(layer)
+    assert torch.equal(c4 + delta, codes.float())
     gen = torch.Generator().manual_seed(7)
     x = (torch.randint(-16, 17, (m, k), generator=gen) / 8).to(dtype)  # 5-bit grid
-    c4 = split_codes(codes, window_offsets(codes, layer.group_size), layer.group_size)
-    q, delta = c4
-    o = window_offsets(codes, layer.group_size).repeat_interleave(layer.group_size, 1)
-    w4 = (q - 8 + o).double()
-    xd = x.double()
-    y4 = (xd @ w4.t()).to(BF16).double()  # exact sum, one rounding (the kernel's output)
-    s = float(scale.float())
-    ref = (((y4 + xd @ delta.double().t()).float() * s) + bias).to(dtype)
     y = layer(x)
-    assert y.dtype == dtype and torch.equal(y, ref)
+    assert y.dtype == dtype and torch.equal(y, _stated_output(layer, x, bias).to(dtype))
     xg = torch.randn(m, k, generator=gen).to(dtype)
+    s = float(scale.float())
     exact = xg.double() @ (s * codes.double()).t() + bias.double()
     torch.testing.assert_close(layer(xg).double(), exact, rtol=0,
                                atol=2 ** -7 * float(exact.abs().max()))
+
+
+def test_heavy_rows_get_hi_rows_and_stay_exact():
+    """Rows holding many off-window codes (wide rows: here a quarter of the rows spread over
+    ±60) go to hi rows — window nibble + a second nibble at scale 16 — and leave the sparse
+    part; the chosen count minimizes the stated cost; the weight is still exactly the codes,
+    and eager == compiled bit for bit (several scatter pieces of ``CHUNK`` entries)."""
+    n, k = 128, 256
+    gen = torch.Generator().manual_seed(3)
+    codes = (torch.randn(n, k, generator=gen) * 2).round().long()
+    codes[::4] = (torch.randn(n // 4, k, generator=gen) * 20).round().long()  # 32 wide rows
+    codes[1::8, ::128] += 40  # light rows with two far codes each: sparse entries
+    q, delta = split_codes(codes, window_offsets(codes, 256), 256)
+    h = cpu_hptq.heavy_rows(delta, k)
+    counts = (delta != 0).sum(1).sort(descending=True).values
+    cost = {c: c * k + cpu_hptq.ENTRY_COST * int(counts[c:].sum())
+            for c in (0, *cpu_hptq.HI_ROW_COUNTS) if c <= n}
+    assert min(cost, key=cost.get) == h >= 32
+    layer = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.01]), None,
+                                      max_sparse_fraction=1.0)
+    hi = set(layer.hi_rows.tolist())
+    assert len(hi) == h and set(range(0, n, 4)) <= hi  # every wide row has a hi row
+    light = torch.tensor([r not in hi for r in range(n)])
+    assert int((delta[::4] != 0).sum()) > 1000 and layer.sparse_count == int(
+        (delta[light] != 0).sum())  # only the other rows' entries are left
+    c4, d = _integer_weight(layer)
+    assert torch.equal(c4 + d, codes.float())
+    wide = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.01]), None,
+                                     max_sparse_fraction=1.0, heavy=0)
+    assert wide.sparse_val.numel() > cpu_hptq.CHUNK  # several scatter pieces
+    x = torch.randn(3, 1, k)
+    for lay in (layer, wide):
+        with torch.no_grad():
+            eager = lay(x)
+            compiled = torch.compile(lay, fullgraph=True)(x)
+        assert torch.equal(compiled, eager)
+        torch.testing.assert_close(eager.double(), x.double() @ (0.01 * codes.double()).t(),
+                                   rtol=0, atol=2 ** -7 * float(eager.abs().max()))
+
+
+def test_layer_with_no_off_window_codes():
+    """Codes that all fit their windows: no hi rows, no sparse entries, the output is the
+    kernel's alone (·s), eager and compiled."""
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (32, 128), generator=gen) + torch.randint(
+        -100, 100, (32, 1), generator=gen)  # one window per row, anywhere
+    layer = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.5]), None)
+    assert layer.hi_rows.numel() == 0 and layer.sparse_val.numel() == 0
+    c4, delta = _integer_weight(layer)
+    assert torch.equal(c4, codes.float()) and not delta.any()
+    x = (torch.randint(-16, 17, (2, 128), generator=gen) / 8).to(BF16)
+    y = layer(x)
+    assert torch.equal(y, _stated_output(layer, x, None).to(BF16))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
+
+
+def test_padding_does_not_change_the_output():
+    """The zero entries padding the sparse part (to ``padded_length``) add exactly 0: the
+    layer equals :func:`cpu_hptq.linear` on the unpadded entries, bit for bit."""
+    codes = _codes(48, 128, seed=11, far=0.02)
+    layer = cpu_hptq.prepare_hptq_cpu(codes, torch.tensor([0.02]), None,
+                                      max_sparse_fraction=1.0, heavy=0)
+    real = layer.sparse_val != 0
+    assert 0 < int(real.sum()) < layer.sparse_val.numel()
+    x = torch.randn(4, 128)
+    unpadded = cpu_hptq.linear(x, layer.weight_int4pack, layer.scale_zero, layer.scales,
+                               layer.hi_rows, layer.sparse_rows[real], layer.sparse_cols[real],
+                               layer.sparse_val[real], None, layer.group_size, 128)
+    assert torch.equal(layer(x), unpadded)
 
 
 def test_not_built_where_it_does_not_apply_or_pay(monkeypatch):

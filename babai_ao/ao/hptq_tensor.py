@@ -9,13 +9,14 @@ the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.comp
 decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized NumPy loop on
 CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
 that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
-CPU, by default, torch's int4pack kernel on each group's 16-code window plus a sparse
-correction for the codes off it (``babai_ao.kernels.cpu_hptq``: the same weight exactly,
-activations rounded to bf16), from a layout built on the first call (or when
-``torch.compile`` first sees the weight) and kept on the tensor, never saved
-(``cpu_layout``); where that layout does not fit, under ``babai_ao.cpu_kernel("exact")``
-and inside babai-ao's calibration and perplexity (``kernels.cpu_int4.exact_forwards``) the
-reference, which decodes on every call (run ``decode_model`` there before export).
+CPU, by default, torch's int4pack kernel on each group's 16-code window (and a second
+nibble row for the rows with the most codes off it) plus a sparse correction for the rest
+(``babai_ao.kernels.cpu_hptq``: the same weight exactly, activations rounded to bf16),
+from a layout built on the first call (or when ``torch.compile`` first sees the weight) and
+kept on the tensor, never saved (``cpu_layout``); where that layout does not fit, under
+``babai_ao.cpu_kernel("exact")`` and inside babai-ao's calibration and perplexity
+(``kernels.cpu_int4.exact_forwards``) the reference, which decodes on every call (run
+``decode_model`` there before export).
 ``prepare_hptq_cpu(weight, bias)`` gives the same form as a module (``prepare_cpu``).
 """
 
@@ -60,11 +61,12 @@ class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
     optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
     # kernels.cpu_hptq's layout (a cache, never saved: ``cpu_layout``)
-    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_sparse_rows",
-                        "cpu_sparse_cols", "cpu_sparse_val"]
+    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_hi_rows",
+                        "cpu_sparse_rows", "cpu_sparse_cols", "cpu_sparse_val"]
     cpu_int4pack: torch.Tensor | None = None
     cpu_scale_zero: torch.Tensor | None = None
     cpu_row_scale: torch.Tensor | None = None
+    cpu_hi_rows: torch.Tensor | None = None
     cpu_sparse_rows: torch.Tensor | None = None
     cpu_sparse_cols: torch.Tensor | None = None
     cpu_sparse_val: torch.Tensor | None = None
