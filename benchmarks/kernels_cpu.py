@@ -264,7 +264,8 @@ def main() -> None:
                    help="keep the quantized models here (torch.save) and reuse them")
     p.add_argument("--build-cache", action="store_true",
                    help="only build the --cache files of the selected variants, time nothing")
-    p.add_argument("--only", help="comma-separated substrings: keep matching variants")
+    p.add_argument("--only", help="comma-separated substrings (';'-separated when one holds "
+                   "a comma): keep matching variants")
     p.add_argument("--json")
     args = p.parse_args()
     if args.model != "smollm2" and not args.generate:
@@ -272,7 +273,7 @@ def main() -> None:
     sequential = args.sequential or args.model == "llama-1b"
     builders = variant_builders(args)
     if args.only:
-        keys = args.only.split(",")
+        keys = args.only.split(";" if ";" in args.only else ",")
         builders = {k: v for k, v in builders.items() if k in ("fp32", "bf16") or any(
             s in k for s in keys)}
     if args.build_cache:
