@@ -298,7 +298,7 @@ def _calibrate_block(block: nn.Module, prefix: str,
             raise BabaiError(f"{prefix}: forward_dtype needs the lockstep "
                              "forwards, which this block cannot use (a linear called twice, "
                              "fused experts, inputs over lockstep.LOCKSTEP_BUDGET, or a lean "
-                             "stream: BlockStream(lean=False) allows them): leave them unset")
+                             "stream: BlockStream(lean=False) allows it): leave it unset")
         replay = Replay(budget=0 if lean else None)
         modules = dict(block.named_modules())
         try:
@@ -381,7 +381,7 @@ def quantize_model(model: nn.Module, config: Any, calibration: Any, *, mode: str
     fast = {"forward_dtype": forward_dtype} if forward_dtype is not None else {}
     if fast and mode != "sequential":
         raise BabaiError(f"forward_dtype applies to mode='sequential' only, not "
-                         f"{mode!r}: leave them unset")
+                         f"{mode!r}: leave it unset")
     if forward_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise BabaiError(f"forward_dtype={forward_dtype}: choose torch.bfloat16 (or None)")
     qkwargs = _config_kwargs(config)
