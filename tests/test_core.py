@@ -283,3 +283,26 @@ def test_rtn_in_row_chunks_equals_one_pass(monkeypatch, order):
                                                                 rel=1e-6), f
     assert chunked.certificate.clipped == whole.certificate.clipped
     assert torch.equal(chunked.certificate.pivots, whole.certificate.pivots)
+
+
+def test_hrtn_in_row_chunks_equals_one_pass(monkeypatch):
+    """HRTN (HPTQ without a Hessian: explicit per-tensor scale, no clipping) also runs in
+    row chunks above ``ROW_CHUNK`` weights — a 1B model's head took > 14 GB in one pass —
+    with the same codes, stored bytes and certificate as one pass."""
+    from babai_ao.formats import hptq
+    from babai_ao.lattice import quantize as Q
+
+    _stack = Q._stack_rows
+    w = torch.randn(70, 96, generator=torch.Generator().manual_seed(4)) * 0.02
+    whole = hptq.quantize(w, None, 3.3)
+    stacked = []
+    monkeypatch.setattr(Q, "ROW_CHUNK", 96 * 16)  # chunks of 16 rows, the last one of 6
+    monkeypatch.setattr(Q, "_stack_rows", lambda parts: stacked.append(len(parts)) or
+                        _stack(parts))
+    chunked = hptq.quantize(w, None, 3.3)
+    assert stacked and set(stacked) == {5}  # every rate-search step ran in 5 chunks
+    assert torch.equal(chunked.codes(), whole.codes())
+    assert chunked.bits_per_weight == whole.bits_per_weight
+    assert torch.equal(chunked.scales, whole.scales)
+    assert chunked.certificate.error == pytest.approx(whole.certificate.error, rel=1e-6)
+    assert chunked.certificate.clipped == whole.certificate.clipped == 0

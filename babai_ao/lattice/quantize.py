@@ -161,13 +161,16 @@ def quantize_weight(
         raise BabaiError(f"k={k!r} must be an integer >= 1 (survivors per row; e.g. 16)")
     beam = k
     n, k = weight.shape
-    if hessian is None and scales is None and n * k > ROW_CHUNK and n > 1:
-        # H = I: every row is rounded on its own; rows in chunks bound the temporaries
+    if hessian is None and n * k > ROW_CHUNK and n > 1:
+        # H = I: every row is rounded on its own (on its own grid, or the given one's rows);
+        # rows in chunks bound the temporaries
         rows = max(1, ROW_CHUNK // k)
         return _stack_rows([
             quantize_weight(weight[i:i + rows], None, group_size=group_size, order=order,
                             damp=damp, block_size=block_size, dtype=dtype,
-                            static_groups=static_groups, grid=grid, search=search, k=beam)
+                            static_groups=static_groups, grid=grid, search=search, k=beam,
+                            scales=None if scales is None else scales[i:i + rows],
+                            zeros=None if zeros is None else zeros[i:i + rows])
             for i in range(0, n, rows)])
     w = weight.detach().to(dtype).clone()
     if hessian is None:
