@@ -168,7 +168,7 @@ def stream_problem(stream: HuffmanStream) -> str | None:
 
 def encoded_bits(values: torch.Tensor | np.ndarray, max_len: int | None = None) -> int:
     """Length of the bitstream ``encode`` would write, in bits (no codebook/index)."""
-    _, counts = np.unique(_as_int_array(values), return_counts=True)
+    _, counts = value_counts(_as_int_array(values))
     lengths = _lengths(counts, max_len)
     return int((lengths * counts).sum())
 
@@ -183,6 +183,27 @@ def _as_int_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
         raise BabaiError("Huffman symbols must fit int32: the codes are out of range "
                          "(use a coarser scale)")
     return arr
+
+
+def value_counts(arr: np.ndarray, inverse: bool = False
+                 ) -> tuple[np.ndarray, ...]:
+    """``np.unique(arr, return_counts=True[, return_inverse=True])`` in O(n): by ``bincount``
+    over ``[min, max]`` when that range is no longer than the array (quantization codes
+    always: a few hundred values), else by sorting. Same sorted values, counts and inverse
+    (int64)."""
+    if arr.size == 0 or int(arr.max()) - int(arr.min()) >= max(arr.size, 1 << 16):
+        out = np.unique(arr, return_inverse=inverse, return_counts=True)
+        return (out[0], out[1].reshape(-1), out[2]) if inverse else out
+    lo = int(arr.min())
+    shifted = arr - lo
+    bins = np.bincount(shifted)
+    present = np.flatnonzero(bins)
+    values, counts = present + lo, bins[present]
+    if not inverse:
+        return values, counts
+    rank = np.zeros(bins.size, dtype=np.int64)
+    rank[present] = np.arange(present.size)
+    return values, rank[shifted], counts
 
 
 def _lengths(counts: np.ndarray, max_len: int | None) -> np.ndarray:
@@ -200,7 +221,7 @@ def encode(values: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK,
     if chunk <= 0:
         raise BabaiError(f"chunk={chunk} must be positive (e.g. {DEFAULT_CHUNK})")
     arr = _as_int_array(values)
-    uniq, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)
+    uniq, inverse, counts = value_counts(arr, inverse=True)
     lengths = _lengths(counts, max_len)
     order = np.lexsort((uniq, lengths))  # canonical order: by length, then value
     codes = np.empty_like(lengths)
@@ -259,7 +280,7 @@ def encoded_nbytes(values: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK
                    max_len: int | None = None) -> int:
     """``encode(values, chunk, max_len).nbytes``, computed without writing the stream."""
     arr = _as_int_array(values)
-    _, counts = np.unique(arr, return_counts=True)
+    _, counts = value_counts(arr)
     total = int((_lengths(counts, max_len) * counts).sum())
     n_chunks = -(-arr.size // chunk)
     return (total + 7) // 8 + counts.size * (4 + 1) + 4 * n_chunks + 8 * 3
