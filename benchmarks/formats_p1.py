@@ -193,7 +193,11 @@ LABELS = {"rtn": "RTN g64 (clipped)",
           "ssqrseq": "SSQR g64 (sequential calibration; P1 table)",
           "hptqlam": "HPTQ sequential, one-λ bit allocation (issue 21)",
           "hptqkbest": "HPTQ sequential, K-best search (issue 21)",
-          "hptqlamkbest": "HPTQ sequential, one-λ allocation + K-best (issue 21)"}
+          "hptqlamkbest": "HPTQ sequential, one-λ allocation + K-best (issue 21)",
+          "hptqminpivot": "HPTQ sequential, min-pivot order (issue 21)",
+          "hptqtune": "HPTQ sequential, block tuning (issue 21)",
+          "hptqlamtune": "HPTQ sequential, one-λ allocation + block tuning (issue 21)",
+          "hptqlamkbesttune": "HPTQ sequential, one-λ + K-best + block tuning (issue 21)"}
 
 
 def _kind(row: str | dict) -> str:
@@ -214,8 +218,10 @@ def sequential_rows() -> list[dict]:
         if fmt in ("hptq", "ssqr"):  # no clipping: the certificate's E <= B count
             checks = r["bound_checks"]
             holds, kind = f"{checks['E_le_B']}/{checks['layers']}", f"{fmt}seq"
-            levers = ("lam" if r.get("allocate") else "") + (
-                "kbest" if r.get("search") == "kbest" else "")
+            levers = ("minpivot" if r.get("order") == "min-pivot" else "") + (
+                "lam" if r.get("allocate") else "") + (
+                "kbest" if r.get("search") == "kbest" else "") + (
+                "tune" if (r.get("tune") or {}).get("steps") else "")
             kind = f"{fmt}{levers}" if levers else kind
         else:
             holds, kind = "n/a (clipped)", "p1" if r["method"] == "babai" else "rtn"
