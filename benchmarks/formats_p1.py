@@ -260,24 +260,38 @@ def report() -> str:
 
 
 def _plot(rows: list[dict]) -> None:
+    """Two panels: every row on a log scale, and the no-clipping frontier (sequential HPTQ
+    levers and the peers) on a linear scale around the float model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, label in LABELS.items():
+    colors = plt.get_cmap("tab20").colors
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, (kind, label) in enumerate(LABELS.items()):
         pts = sorted((r["bits"], r["ppl"]) for r in rows if _kind(r) == kind)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    for label, bits, ppl in PEERS:
-        ax.scatter([bits], [ppl], marker="x", s=50, label=f"{label} (peer)")
-    ax.axhline(FLOAT_PPL, color="gray", ls="--", lw=0.8, label="float32")
-    ax.set_xlabel("average bits per weight (all stored bytes)")
-    ax.set_ylabel("WikiText-2 perplexity (P1)")
-    ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: no-clipping formats vs clipped grids")
-    ax.legend(fontsize=7)
+        if not pts:
+            continue
+        for ax in (full, zoom) if kind.startswith("hptq") else (full,):
+            ax.plot(*zip(*pts), marker="o", color=colors[i % 20], label=label)
+    for i, (label, bits, ppl) in enumerate(PEERS):
+        for ax in (full, zoom):
+            ax.scatter([bits], [ppl], marker="x", s=50, color=colors[(2 * i + 1) % 20],
+                       label=f"{label} (peer)")
+    for ax in (full, zoom):
+        ax.axhline(FLOAT_PPL, color="gray", ls="--", lw=0.8, label="float32")
+        ax.set_xlabel("average bits per weight (all stored bytes)")
+        ax.set_ylabel("WikiText-2 perplexity (P1)")
+    full.set_yscale("log")
+    full.set_title("SmolLM2-135M: no-clipping formats vs clipped grids")
+    full.legend(fontsize=6)
+    zoom.set_ylim(FLOAT_PPL - 1, 90)
+    zoom.set_title("the frontier: sequential HPTQ levers (issue 21) and the peers")
+    handles, labels = zoom.get_legend_handles_labels()
+    keep = [(h, lab) for h, lab in zip(handles, labels) if "HPTQ" in lab or "peer" in lab
+            or lab == "float32"]
+    zoom.legend(*zip(*keep), fontsize=6)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
 
