@@ -3,6 +3,7 @@ windows), bad arguments (exit 2, one line naming the fix), atomic output directo
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -294,12 +295,13 @@ def test_quantize_hessian_tiles_by_default(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.model
 def test_quantize_allocate_spreads_the_budget(capsys, tmp_path):
-    """``--allocate``: per-layer HPTQ targets from one λ (recorded), each layer quantized at
-    its own target, the stored average at the budget, every bound still certified; refused
-    one line at a time where it cannot run."""
+    """One-λ allocation, the default of ``--clip hptq --target-bits`` (no flag given):
+    per-layer HPTQ targets from one λ (recorded), each layer quantized at its own target, the
+    stored average at the budget, every bound still certified; an explicit ``--allocate`` is
+    refused one line at a time where it cannot run."""
     out = tmp_path / "lam"
     code, stdout, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--clip",
-                                "hptq", "--target-bits", "3.3", "--allocate",
+                                "hptq", "--target-bits", "3.3",
                                 "--fisher-windows", "2", *SMALL_CALIB, "--out", str(out),
                                 "--no-progress")
     assert code == 0, err
@@ -328,14 +330,42 @@ def test_quantize_allocate_spreads_the_budget(capsys, tmp_path):
 
 @pytest.mark.model
 def test_quantize_hptq_sequential_from_the_command_line(capsys, tmp_path):
-    """The README's best format with sequential calibration, from the CLI (was refused)."""
+    """The README's best format with sequential calibration, from the CLI (was refused);
+    ``--no-allocate``: every layer's own rate search at the budget, no allocation pass."""
     out = tmp_path / "hptq"
     code, stdout, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--clip",
                                 "hptq", "--target-bits", "3.3", "--mode", "sequential",
-                                *SMALL_CALIB, "--out", str(out), "--no-progress")
+                                "--no-allocate", *SMALL_CALIB, "--out", str(out),
+                                "--no-progress")
     assert code == 0, err
     assert "E <= B on 7/7 unclipped layers" in stdout
     record = json.loads((out / RUN_FILE).read_text())
+    assert "allocation" not in record
     assert record["mode"] == "sequential" and record["clip"] == "hptq"
     assert record["avg_bits_per_weight"] == pytest.approx(3.3, abs=0.05)
     assert all(r["bound_holds"] for r in record["layers"])
+
+
+@pytest.mark.parametrize("extra,on,note", [
+    ({}, True, None),
+    ({"mode": "observe"}, True, None),
+    ({"mode": "rtn"}, False, None),
+    ({"clip": "true", "target_bits": None}, False, None),
+    ({"target_bits": None}, False, None),
+    ({"stream": True}, False, "--stream/--save-state"),
+    ({"save_state": "s.pt"}, False, "--stream/--save-state"),
+    ({"nproc": 2}, False, "--nproc"),
+    ({"allocate": False}, False, None),
+])
+def test_allocation_default_is_on_where_it_can_run(capsys, extra, on, note):
+    """Unset ``--allocate`` resolves to on for an HPTQ budget calibrated in one unstreamed
+    process, off elsewhere; off because of streaming or ranks, one line on stderr says so."""
+    from babai_ao.cli import preflight
+
+    args = argparse.Namespace(**{"allocate": None, "clip": "hptq", "target_bits": 3.3,
+                                 "mode": "sequential", "stream": False, "save_state": None,
+                                 "nproc": 1, "fisher_windows": 16, **extra})
+    preflight._allocation(args)
+    assert args.allocate is on
+    err = capsys.readouterr().err
+    assert (note in err and len(err.strip().splitlines()) == 1) if note else err == ""

@@ -112,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "scales and norms towards the float block (codes, bits unchanged; 0: off)")
     q.add_argument("--mode", choices=QUANT_MODES, default="sequential",
                    help="sequential (block by block), observe (float Hessians), rtn")
-    q.add_argument("--allocate", action="store_true",
+    q.add_argument("--allocate", action=argparse.BooleanOptionalAction, default=None,
                    help="--clip hptq: spread --target-bits over the layers by one "
                         "rate-distortion multiplier with Fisher sensitivities (P1: 25.78 vs "
                         "26.42 at 3.3 bits, 21.52 vs 22.34 at 4.3, 61.0 vs 75.0 at 2.3; "
-                        "a float-model pass before the calibration)")
+                        "a float-model pass before the calibration). The default with "
+                        "--clip hptq --target-bits when calibrating in one process, "
+                        "unstreamed; --no-allocate: each layer's own rate search")
     q.add_argument("--fisher-windows", type=int, default=16, metavar="N",
                    help="--allocate: calibration windows of the Fisher probe (16)")
     q.add_argument("--hessian-tiles", action=argparse.BooleanOptionalAction, default=None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +262,20 @@ def _rate_arguments(args: argparse.Namespace) -> None:
 
 
 def _allocation(args: argparse.Namespace) -> None:
-    """``--allocate``: an HPTQ budget, calibrated, the whole model in one process."""
-    if not getattr(args, "allocate", False):
+    """``--allocate``: an HPTQ budget, calibrated, the whole model in one process. Unset, it
+    is on exactly where it can run (``--clip hptq --target-bits``, a calibration mode, one
+    process, not streamed); where only the process or streaming rules it out, one line on
+    stderr says so."""
+    if getattr(args, "allocate", False) is None:
+        hptq_budget = args.clip == "hptq" and args.target_bits is not None
+        blocker = ("--stream/--save-state" if getattr(args, "stream", False)
+                   or getattr(args, "save_state", None) else
+                   "--nproc" if getattr(args, "nproc", 1) > 1 else None)
+        args.allocate = hptq_budget and args.mode != "rtn" and blocker is None
+        if hptq_budget and args.mode != "rtn" and blocker is not None:
+            print(f"note: one-λ bit allocation (the --clip hptq default) is off with "
+                  f"{blocker}: each layer runs its own rate search", file=sys.stderr)
+    if not args.allocate:
         return
     _positive(args, "fisher_windows")
     if args.clip != "hptq" or args.target_bits is None:
