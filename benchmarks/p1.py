@@ -183,24 +183,23 @@ def main(argv: list[str] | None = None) -> None:
                 rows = torchao_observe_convert(model, config, cal, args.batch_size)
                 record["quant_seconds"] = time.perf_counter() - t0
                 record.update(order=args.order, mode=args.mode)
-            elif args.allocate:
-                from babai_ao.calibration.allocation import quantize_model_allocated
-
-                report, layer_bits = quantize_model_allocated(
-                    model, config, cal, mode=args.mode, batch_size=args.batch_size,
-                    fisher_windows=args.fisher_windows, progress=progress)
-                record["allocation"] = layer_bits.summary()
             else:
                 from babai_ao.calibration.tuning import TuneSettings
 
                 tune = TuneSettings(steps=args.tune_steps, lr=args.tune_lr,
                                     windows=args.tune_windows)
-                fast = {}
+                options = {"mode": args.mode, "batch_size": args.batch_size,
+                           "progress": progress, "tune": tune if tune.steps else None}
                 if args.forward_dtype != "float32":
-                    fast["forward_dtype"] = getattr(torch, args.forward_dtype)
-                report = quantize_model(model, config, cal, mode=args.mode,
-                                        batch_size=args.batch_size, progress=progress,
-                                        tune=tune if tune.steps else None, **fast)
+                    options["forward_dtype"] = getattr(torch, args.forward_dtype)
+                if args.allocate:  # one λ first, then the same calibration and tuning
+                    from babai_ao.calibration.allocation import quantize_model_allocated
+
+                    report, layer_bits = quantize_model_allocated(
+                        model, config, cal, fisher_windows=args.fisher_windows, **options)
+                    record["allocation"] = layer_bits.summary()
+                else:
+                    report = quantize_model(model, config, cal, **options)
                 record["tune"] = {"steps": tune.steps, "lr": tune.lr, "windows": tune.windows,
                                   "blocks": report.tuning}
                 record.update(forward_dtype=args.forward_dtype)

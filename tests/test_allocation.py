@@ -159,3 +159,28 @@ def test_two_pass_quantization_hits_the_budget():
         assert 0.7 < p.error_model_ratio < 1.3
     with pytest.raises(BabaiError, match="clip='hptq'"):
         allocate_layer_bits(model, babai_config(), ids)
+
+
+def test_two_pass_quantization_passes_tuning_on():
+    """``quantize_model_allocated(..., tune=...)``: the second pass tunes each block after its
+    codes are fixed (it used to drop the option, so a "λ + tuning" P1 row silently repeated
+    the λ row): a tuning log per block, the same codes and stored bits as without tuning."""
+    from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor
+    from babai_ao.calibration.tuning import TuneSettings
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    config = babai_config(clip="hptq", target_bits=3.0)
+    runs = {}
+    for steps in (0, 3):
+        model = tiny_llama(layers=1)
+        report, _ = quantize_model_allocated(
+            model, config, ids, batch_size=4, fisher_windows=4, progress=False,
+            tune=TuneSettings(steps=steps, lr=1e-2) if steps else None)
+        codes = {n: m.weight.codes() for n, m in model.named_modules()
+                 if isinstance(getattr(m, "weight", None), HuffmanQuantizedTensor)}
+        runs[steps] = (report, codes, stored_bits_per_weight(model))
+    (plain, plain_codes, plain_bits), (tuned, tuned_codes, tuned_bits) = runs[0], runs[3]
+    assert not plain.tuning and len(tuned.tuning) == 1  # one block, tuned
+    assert tuned_codes.keys() == plain_codes.keys() and len(tuned_codes) == 7
+    assert all(torch.equal(tuned_codes[n], plain_codes[n]) for n in plain_codes)
+    assert tuned_bits == plain_bits

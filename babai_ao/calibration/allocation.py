@@ -237,13 +237,16 @@ class PerLayerTargets:
 def quantize_model_allocated(model: nn.Module, config: Any, calibration: Any, *,
                              mode: str = "sequential", batch_size: int = 8,
                              fisher_windows: int = 16, progress: bool = True,
-                             blocks: str | None = None, filter_fn: Any = None
+                             blocks: str | None = None, filter_fn: Any = None,
+                             **quantize_options: Any
                              ) -> tuple[QuantizationReport, LayerBits]:
-    """Both passes: per-layer bits from one λ, then ``quantize_model`` hitting them."""
+    """Both passes: per-layer bits from one λ, then ``quantize_model`` hitting them; the
+    other ``quantize_model`` options (``tune``, ``forward_dtype``, ``hessian_tiles``, …) go
+    to the second pass."""
     bits = allocate_layer_bits(model, config, calibration, fisher_windows=fisher_windows,
                                batch_size=batch_size, blocks=blocks, progress=progress,
                                filter_fn=filter_fn)
     report = quantize_model(model, PerLayerTargets(config, bits.targets), calibration,
                             mode=mode, batch_size=batch_size, progress=progress,
-                            blocks=blocks, filter_fn=filter_fn)
+                            blocks=blocks, filter_fn=filter_fn, **quantize_options)
     return report, bits
