@@ -176,3 +176,17 @@ def test_value_counts_equal_numpy_unique(spread):
     assert np.array_equal(values[inverse], arr)
     v2, c2 = value_counts(arr)
     assert np.array_equal(v2, ref_values) and np.array_equal(c2, ref_counts)
+
+
+@pytest.mark.parametrize("n,chunk", [(10_000, 64), (4097, 1024), (1, 1024), (3000, 7)])
+def test_encode_in_pieces_is_the_one_pass_stream(monkeypatch, n, chunk):
+    """Coding the symbols a piece (whole chunks) at a time writes exactly the stream, chunk
+    index and codebook of one pass, and decodes back."""
+    rng = np.random.default_rng(n + chunk)
+    values = (rng.standard_normal(n) * 3).round().astype(np.int64)
+    whole = hf.encode(values, chunk)
+    monkeypatch.setattr(hf, "ENCODE_PIECE", 2 * chunk + 1)  # pieces of 2 chunks
+    pieces = hf.encode(values, chunk)
+    for name in ("bitstream", "symbols", "lengths", "offsets", "header"):
+        assert torch.equal(getattr(pieces, name), getattr(whole, name)), name
+    assert torch.equal(hf.decode(pieces), torch.from_numpy(values))

@@ -215,29 +215,41 @@ def _lengths(counts: np.ndarray, max_len: int | None) -> np.ndarray:
     return limit_lengths(huffman_lengths(counts), counts, limit)
 
 
+ENCODE_PIECE = 1 << 22  # symbols coded at a time: bounds encode's per-symbol temporaries
+
+
 def encode(values: torch.Tensor | np.ndarray, chunk: int = DEFAULT_CHUNK,
            max_len: int | None = None) -> HuffmanStream:
-    """Canonical-Huffman-code the integers ``values`` (flattened) with a chunk index."""
+    """Canonical-Huffman-code the integers ``values`` (flattened) with a chunk index.
+
+    The symbols are coded ``ENCODE_PIECE`` (rounded to whole chunks) at a time into one bit
+    array, so the per-symbol temporaries (lengths, codes, bit positions) stay bounded: a
+    262 M-weight output head no longer needs ~14 GB."""
     if chunk <= 0:
         raise BabaiError(f"chunk={chunk} must be positive (e.g. {DEFAULT_CHUNK})")
     arr = _as_int_array(values)
-    uniq, inverse, counts = value_counts(arr, inverse=True)
+    uniq, counts = value_counts(arr)
     lengths = _lengths(counts, max_len)
     order = np.lexsort((uniq, lengths))  # canonical order: by length, then value
     codes = np.empty_like(lengths)
     codes[order] = canonical_codes(lengths[order])
     top = int(lengths.max()) if lengths.size else 0
-    sym_len, sym_code = lengths[inverse], codes[inverse]
-    ends = np.cumsum(sym_len)
-    total = int(ends[-1]) if ends.size else 0
+    total = int((lengths * counts).sum())
     if total >= 2**31:
         raise BabaiError(f"{total} bits exceed the int32 chunk index: split the tensor")
-    starts = ends - sym_len
     stream = np.zeros(total, dtype=np.uint8)
-    for b in range(top):  # bit b (from the MSB) of every code at least b + 1 bits long
-        sel = sym_len > b
-        stream[starts[sel] + b] = (sym_code[sel] >> (sym_len[sel] - 1 - b)) & 1
-    offsets = starts[::chunk] if arr.size else np.zeros(0, dtype=np.int64)
+    piece = chunk * max(1, ENCODE_PIECE // chunk)  # whole chunks: the index is every chunk-th
+    offsets, pos = [], 0
+    for p0 in range(0, arr.size, piece):
+        symbol = np.searchsorted(uniq, arr[p0:p0 + piece])
+        sym_len, sym_code = lengths[symbol], codes[symbol]
+        starts = np.cumsum(sym_len) - sym_len + pos
+        for b in range(top):  # bit b (from the MSB) of every code at least b + 1 bits long
+            sel = sym_len > b
+            stream[starts[sel] + b] = (sym_code[sel] >> (sym_len[sel] - 1 - b)) & 1
+        offsets.append(starts[::chunk])
+        pos = int(starts[-1] + sym_len[-1])
+    offsets = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
     return HuffmanStream(
         bitstream=torch.from_numpy(np.packbits(stream)),
         symbols=torch.from_numpy(uniq[order].astype(np.int32)),
