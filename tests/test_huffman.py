@@ -162,20 +162,16 @@ def test_bad_inputs_name_the_fix():
 
 @pytest.mark.parametrize("spread", [0, 3, 200, 10**7])
 def test_value_counts_equal_numpy_unique(spread):
-    """The O(n) counting (bincount over [min, max]) gives np.unique's sorted values, counts
-    and inverse; a range wider than the array falls back to sorting, with the same result."""
+    """The O(n) counting (bincount over [min, max]) gives np.unique's sorted values and
+    counts; a range wider than the array falls back to sorting, with the same result."""
     from babai_ao.formats.huffman import value_counts
 
     rng = np.random.default_rng(spread)
     arr = (rng.standard_normal(5000) * spread).round().astype(np.int64) - 7
-    values, inverse, counts = value_counts(arr, inverse=True)
-    ref_values, ref_inverse, ref_counts = np.unique(arr, return_inverse=True,
-                                                    return_counts=True)
+    values, counts = value_counts(arr)
+    ref_values, ref_counts = np.unique(arr, return_counts=True)
     assert np.array_equal(values, ref_values) and np.array_equal(counts, ref_counts)
-    assert np.array_equal(inverse, ref_inverse.reshape(-1))
-    assert np.array_equal(values[inverse], arr)
-    v2, c2 = value_counts(arr)
-    assert np.array_equal(v2, ref_values) and np.array_equal(c2, ref_counts)
+    assert counts.sum() == arr.size
 
 
 @pytest.mark.parametrize("n,chunk", [(10_000, 64), (4097, 1024), (1, 1024), (3000, 7)])

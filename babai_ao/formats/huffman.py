@@ -185,25 +185,16 @@ def _as_int_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
-def value_counts(arr: np.ndarray, inverse: bool = False
-                 ) -> tuple[np.ndarray, ...]:
-    """``np.unique(arr, return_counts=True[, return_inverse=True])`` in O(n): by ``bincount``
-    over ``[min, max]`` when that range is no longer than the array (quantization codes
-    always: a few hundred values), else by sorting. Same sorted values, counts and inverse
-    (int64)."""
+def value_counts(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(arr, return_counts=True)`` in O(n): by ``bincount`` over ``[min, max]``
+    when that range is no longer than the array (quantization codes always: a few hundred
+    values), else by sorting. The same sorted values and counts."""
     if arr.size == 0 or int(arr.max()) - int(arr.min()) >= max(arr.size, 1 << 16):
-        out = np.unique(arr, return_inverse=inverse, return_counts=True)
-        return (out[0], out[1].reshape(-1), out[2]) if inverse else out
+        return np.unique(arr, return_counts=True)
     lo = int(arr.min())
-    shifted = arr - lo
-    bins = np.bincount(shifted)
+    bins = np.bincount(arr - lo)
     present = np.flatnonzero(bins)
-    values, counts = present + lo, bins[present]
-    if not inverse:
-        return values, counts
-    rank = np.zeros(bins.size, dtype=np.int64)
-    rank[present] = np.arange(present.size)
-    return values, rank[shifted], counts
+    return present + lo, bins[present]
 
 
 def _lengths(counts: np.ndarray, max_len: int | None) -> np.ndarray:
