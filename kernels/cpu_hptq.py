@@ -98,12 +98,12 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
     return q, codes - (q - WINDOW // 2 + o)
 
 
-def heavy_rows(delta: torch.Tensor, in_features: int) -> int:
+def heavy_rows(counts: torch.Tensor, in_features: int) -> int:
     """How many of the rows holding the most off-window codes get a hi row: the count in
     ``HI_ROW_COUNTS`` (at most ``N``) minimizing ``H·K + ENTRY_COST·(entries left)``, the
     int4pack weights the hi rows add against the sparse entries they remove. A few fixed
     counts keep the number of distinct shapes, hence compiled kernels, small."""
-    counts = (delta != 0).sum(1).sort(descending=True).values
+    counts = counts.sort(descending=True).values  # off-window codes per row
     total = int(counts.sum())
     best, best_cost = 0, float(total * ENTRY_COST)
     for h in HI_ROW_COUNTS:
@@ -134,21 +134,47 @@ def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, q: torch.Tensor,
     return q, torch.where(fits, r, 0) + WINDOW // 2, delta
 
 
-def coo(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The nonzeros of ``Δ`` [N, K] in row order: rows, columns (int32) and values (fp32,
-    exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries to a length :func:`padded_length`.
+def coo(rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzeros of ``Δ`` (``rows``, ``cols``, ``val``; any order) in row order: rows,
+    columns (int32) and values (fp32, exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries
+    to a length :func:`padded_length`.
 
     The padding adds ``x[:, 0]·0`` to output 0. It is there for compile time: inductor bakes
     the entry count into each layer's C++ kernel, so unpadded every layer compiled its own
     kernel (a 30-block SmolLM2 took > 12 min to compile on the shared 2-core box instead of
     ≈ 2); padded, layers of one shape share a handful of kernels.
     """
-    rows, cols = delta.nonzero(as_tuple=True)
-    val = delta[rows, cols].to(torch.float32)
+    order = torch.sort(rows * (int(cols.max()) + 1 if cols.numel() else 1) + cols).indices
+    rows, cols, val = rows[order], cols[order], val[order].to(torch.float32)
     pad = padded_length(int(val.numel())) - int(val.numel())
     zeros = torch.zeros(pad, dtype=torch.int64)
     return (torch.cat([rows, zeros]).to(torch.int32), torch.cat([cols, zeros]).to(torch.int32),
             torch.cat([val, torch.zeros(pad)]))
+
+
+LAYOUT_CHUNK = 1 << 22  # weights per chunk of rows while a layout is built
+
+
+def windows_in_chunks(codes: torch.Tensor, group_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(offsets [N, G], nibbles q [N, K] uint8, (rows, cols, values) of Δ ≠ 0)``:
+    :func:`window_offsets` and :func:`split_codes` on ``LAYOUT_CHUNK`` weights of rows at a
+    time (rows are independent), so no N × K int64 array is formed (a 1B model's
+    262 M-weight head needed > 14 GB)."""
+    n, k = codes.shape
+    step = max(1, LAYOUT_CHUNK // k)
+    offsets, nibbles, entries = [], [], []
+    for r in range(0, n, step):
+        c = codes[r:r + step].to(torch.int64)
+        o = window_offsets(c, group_size)
+        q, d = split_codes(c, o, group_size)
+        rr, cc = d.nonzero(as_tuple=True)
+        offsets.append(o)
+        nibbles.append(q.to(torch.uint8))
+        entries.append((rr + r, cc, d[rr, cc]))
+    return (torch.cat(offsets), torch.cat(nibbles),
+            tuple(torch.cat(t) for t in zip(*entries)))
 
 
 def padded_length(entries: int) -> int:
@@ -209,22 +235,28 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
         return None
     if max_sparse_fraction is None:
         max_sparse_fraction = MAX_SPARSE_FRACTION
-    codes = codes.to(torch.int64)
-    offsets = window_offsets(codes, group)
-    q, delta = split_codes(codes, offsets, group)
-    if int((delta != 0).sum()) > max_sparse_fraction * n * k:
+    offsets, q, (e_rows, e_cols, e_val) = windows_in_chunks(codes, group)
+    if e_val.numel() > max_sparse_fraction * n * k:
         return None
-    h = heavy_rows(delta, k) if heavy is None else heavy
-    rows = (delta != 0).sum(1).sort(descending=True, stable=True).indices[:h]
-    q, hi, delta = split_heavy(codes, offsets, q, delta, rows, group)
+    counts = torch.bincount(e_rows, minlength=n)
+    h = heavy_rows(counts, k) if heavy is None else heavy
+    rows = counts.sort(descending=True, stable=True).indices[:h]
+    heavy_codes = codes[rows].to(torch.int64)  # the hi rows' codes: two nibbles each
+    q_h, d_h = split_codes(heavy_codes, offsets[rows], group)
+    q_h, hi, d_h = split_heavy(heavy_codes, offsets[rows], q_h, d_h, torch.arange(h), group)
+    q[rows] = q_h.to(torch.uint8)
+    light = ~torch.isin(e_rows, rows)  # entries of the other rows, then the hi rows' rest
+    h_rows, h_cols = d_h.nonzero(as_tuple=True)
+    sparse = coo(torch.cat([e_rows[light], rows[h_rows]]), torch.cat([e_cols[light], h_cols]),
+                 torch.cat([e_val[light], d_h[h_rows, h_cols]]))
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.cat([q, hi]).to(torch.int32), 1)
+        torch.cat([q.to(torch.int32), hi.to(torch.int32)]), 1)
     g = k // group
     scale_zero = torch.cat([torch.stack([torch.ones(n, g), offsets.to(torch.float32)], -1),
                             torch.stack([torch.full((h, g), float(WINDOW)),
                                          torch.zeros(h, g)], -1)])
     return (weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
-            scales.reshape(-1).to(torch.float32), rows.to(torch.int32), *coo(delta))
+            scales.reshape(-1).to(torch.float32), rows.to(torch.int32), *sparse)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,

@@ -155,7 +155,7 @@ def test_heavy_rows_get_hi_rows_and_stay_exact():
     codes[::4] = (torch.randn(n // 4, k, generator=gen) * 20).round().long()  # 32 wide rows
     codes[1::8, ::128] += 40  # light rows with two far codes each: sparse entries
     q, delta = split_codes(codes, window_offsets(codes, 256), 256)
-    h = cpu_hptq.heavy_rows(delta, k)
+    h = cpu_hptq.heavy_rows((delta != 0).sum(1), k)
     counts = (delta != 0).sum(1).sort(descending=True).values
     cost = {c: c * k + cpu_hptq.ENTRY_COST * int(counts[c:].sum())
             for c in (0, *cpu_hptq.HI_ROW_COUNTS) if c <= n}
@@ -274,3 +274,18 @@ def test_prepare_cpu_on_smollm2_hptq(smollm2_small):
     with torch.no_grad():
         prepare_cpu(again)
         assert torch.equal(again(ids).logits, eager)
+
+
+@pytest.mark.parametrize("heavy", [None, 0, 16])
+def test_layout_built_in_row_chunks_equals_one_pass(monkeypatch, heavy):
+    """The layout is built a few rows at a time (bounded memory for a 1B model's head): the
+    same int4pack weight, scales/zeros, hi rows and sparse entries as in one pass."""
+    codes = _codes(96, 256, seed=12, far=0.02)
+    codes[5, :40] += 300  # far codes: some stay sparse even in a hi row
+    s = torch.tensor([0.02])
+    whole = cpu_hptq.build_layout(codes, s, max_sparse_fraction=1.0, heavy=heavy)
+    monkeypatch.setattr(cpu_hptq, "LAYOUT_CHUNK", 256 * 7)  # 7 rows at a time
+    chunked = cpu_hptq.build_layout(codes, s, max_sparse_fraction=1.0, heavy=heavy)
+    assert len(whole) == len(chunked) == 7
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
