@@ -115,23 +115,20 @@ def heavy_rows(counts: torch.Tensor, in_features: int) -> int:
     return best
 
 
-def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, q: torch.Tensor,
-                delta: torch.Tensor, rows: torch.Tensor, group_size: int
+def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, hi, Δ)`` with the given ``rows`` moved to two nibbles: there ``C − o = lo + 16·r``
-    with ``lo ∈ [−8, 7]`` (``q = lo + 8``, the row's window nibble) and ``r ∈ [−8, 7]``
-    (``hi = r + 8``, a second int4pack row read with scale 16, zero 0), so the two rows'
-    weights sum to ``C`` and ``Δ`` is 0 there; a code with ``r`` outside ``[−8, 7]`` keeps its
-    clamped nibble and its ``Δ``. ``hi`` [len(rows), K] int64."""
-    o = offsets[rows].repeat_interleave(group_size, dim=1)
-    v = codes[rows] - o
+    """``(q, hi, Δ)`` of rows ``codes`` [H, K] (offsets [H, G]) moved to two nibbles: there
+    ``C − o = lo + 16·r`` with ``lo ∈ [−8, 7]`` (``q = lo + 8``, the row's window nibble) and
+    ``r ∈ [−8, 7]`` (``hi = r + 8``, a second int4pack row read with scale 16, zero 0), so the
+    two rows' weights sum to ``C`` and ``Δ`` is 0 there; a code with ``r`` outside ``[−8, 7]``
+    keeps its clamped window nibble and its ``Δ`` (:func:`split_codes`). All int64 [H, K]."""
+    q, delta = split_codes(codes, offsets, group_size)
+    v = codes - offsets.repeat_interleave(group_size, dim=1)
     lo = torch.remainder(v + WINDOW // 2, WINDOW) - WINDOW // 2
     r = torch.div(v - lo, WINDOW, rounding_mode="floor")
     fits = (r >= -WINDOW // 2) & (r < WINDOW // 2)
-    q, delta = q.clone(), delta.clone()
-    q[rows] = torch.where(fits, lo + WINDOW // 2, q[rows])
-    delta[rows] = torch.where(fits, 0, delta[rows])
-    return q, torch.where(fits, r, 0) + WINDOW // 2, delta
+    return (torch.where(fits, lo + WINDOW // 2, q), torch.where(fits, r, 0) + WINDOW // 2,
+            torch.where(fits, 0, delta))
 
 
 def coo(rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor
@@ -241,9 +238,7 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
     counts = torch.bincount(e_rows, minlength=n)
     h = heavy_rows(counts, k) if heavy is None else heavy
     rows = counts.sort(descending=True, stable=True).indices[:h]
-    heavy_codes = codes[rows].to(torch.int64)  # the hi rows' codes: two nibbles each
-    q_h, d_h = split_codes(heavy_codes, offsets[rows], group)
-    q_h, hi, d_h = split_heavy(heavy_codes, offsets[rows], q_h, d_h, torch.arange(h), group)
+    q_h, hi, d_h = split_heavy(codes[rows].to(torch.int64), offsets[rows], group)
     q[rows] = q_h.to(torch.uint8)
     light = ~torch.isin(e_rows, rows)  # entries of the other rows, then the hi rows' rest
     h_rows, h_cols = d_h.nonzero(as_tuple=True)
