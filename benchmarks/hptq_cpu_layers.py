@@ -5,13 +5,12 @@ all 30 blocks' layers of one kind (q/k/v/o/gate/up/down) to one input; µs per l
 ``--rounds`` interleaved rounds. Variants:
 
 - ``4-bit``: our w4g64 layer (``_weight_int4pack_mm_for_cpu``, scales in the kernel);
-- ``HPTQ``: the default HPTQ CPU form (``kernels/cpu_hptq.py``: int4pack on the window rows
-  and hi rows for the rows with the most off-window codes, then one fp32 post-op kernel —
-  hi rows scattered to their rows, the sparse ``Δ`` added by ``index_add``, ``·s``, cast);
+- ``HPTQ``: the default HPTQ CPU form (``kernels/cpu_hptq.py``: one ``babai_cpu::hptq_linear``
+  call — window nibbles, hi rows for the rows with the most off-window codes, the sparse
+  ``Δ``, ``·s`` and the cast in one C++ kernel; until 2026-12-05 the int4pack kernel followed
+  by an fp32 post-op kernel);
 - ``… prepare_cpu``: the same after ``prepare_cpu`` (plain kernel modules instead of tensor
-  subclasses: no per-call unwrapping of the subclass' inner tensors);
-- ``HPTQ kernel only``: the same int4pack call followed by ``·s`` alone — hi rows not merged,
-  no sparse part (not the layer's value: the floor of this layout, what its rows cost).
+  subclasses: no per-call unwrapping of the subclass' inner tensors).
 
 The models are the ``--cache`` files of ``benchmarks/kernels_cpu.py`` (bf16 SmolLM2, w4g64
 and HPTQ 3.3 bits: ``kernels_cpu.py --cache DIR --build-cache --only "bf16 model"``):
@@ -33,24 +32,6 @@ from torch import nn
 
 KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-class LayoutFloor(nn.Module):
-    """The int4pack call of an HPTQ layer's CPU layout followed by ``·s`` alone: the hi rows
-    are computed but not merged, the sparse part is skipped (not the layer's value)."""
-
-    def __init__(self, layout: tuple[torch.Tensor, ...], in_features: int):
-        super().__init__()
-        weight, scale_zero, scales, hi_rows = layout[:4]
-        self.n, self.k = weight.shape[0] - hi_rows.numel(), in_features
-        self.group = in_features // scale_zero.shape[0]
-        for name, t in (("w", weight), ("sz", scale_zero), ("s", scales)):
-            self.register_buffer(name, t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.k).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w, self.group, self.sz)
-        return (out[:, :self.n].float() * self.s).to(x.dtype).reshape(*x.shape[:-1], self.n)
 
 
 class AllLayers(nn.Module):
@@ -118,7 +99,6 @@ def main() -> None:
             "HPTQ": AllLayers(hptq),
             "4-bit prepare_cpu": _prepared(w4_layers),
             "HPTQ prepare_cpu": _prepared(hptq),
-            "HPTQ kernel only": AllLayers([LayoutFloor(t, k) for t in layouts]),
         }
         compiled = {name: torch.compile(g) for name, g in graphs.items()}
         x = torch.randn(1, 1, k, dtype=torch.bfloat16)
@@ -129,9 +109,9 @@ def main() -> None:
                 for name, fn in compiled.items():
                     best[name] = min(best[name], _us_per_layer(fn, x, r, blocks, args.reps))
         n = hptq[0].out_features
-        hi = sum(t[0].shape[0] - n for t in layouts) / (n * blocks)
-        groups = sorted({k // t[1].shape[0] for t in layouts})
-        sparse = sum(int((t[6] != 0).sum()) for t in layouts) / blocks
+        hi = sum(t[3].numel() for t in layouts) / (n * blocks)
+        groups = sorted({k // t[1].shape[1] for t in layouts})
+        sparse = sum(t[6].numel() for t in layouts) / blocks
         row = {"kind": kind, "shape": f"{k}→{n}", "hi_rows_share": hi,
                "groups": groups,
                "sparse_entries_per_layer": sparse, **{f"us_{n_}": v for n_, v in best.items()}}
@@ -139,8 +119,7 @@ def main() -> None:
         print(f"{kind:18s} {k:5d}→{n:<5d} hi rows +{hi:5.1%} g{groups} sparse {sparse:4.0f}/layer  "
               + "  ".join(f"{name} {v:5.1f}" for name, v in best.items())
               + f"  (4-bit/HPTQ {best['4-bit'] / best['HPTQ']:.2f}, prepared "
-              f"{best['4-bit prepare_cpu'] / best['HPTQ prepare_cpu']:.2f}, "
-              f"4-bit/floor {best['4-bit'] / best['HPTQ kernel only']:.2f})", flush=True)
+              f"{best['4-bit prepare_cpu'] / best['HPTQ prepare_cpu']:.2f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads,

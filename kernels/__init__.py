@@ -4,8 +4,9 @@
 prefill tunings), ``outliers`` (SSQR CSR correction), ``dequant`` (standalone dequant),
 ``huffman`` (HPTQ stream decode, and the matmul decoding it in-kernel), ``cpu`` (vectorized
 CPU path), ``cpu_int4`` (torch's int4pack kernel for 4-bit bf16), ``cpu_hptq`` (HPTQ on
-CPU: int4pack on each group's 16-code window plus a sparse correction), ``register`` (the
-``babai::`` op registrations).
+CPU: each group's 16-code window as nibbles plus a sparse correction, in the C++ op of
+``csrc/hptq_linear.cpp``), ``cpp_ops`` (builds and loads the ``babai_cpu::`` C++ ops on first
+use), ``register`` (the ``babai::`` op registrations).
 
 This folder is installed as ``babai_ao.kernels``. Imported as top-level ``kernels`` (the
 repository root on ``sys.path``), it hands over to the installed PyPI ``kernels``, which

@@ -1,5 +1,5 @@
-"""HPTQ on CPU at 4-bit speed: torch's int4pack kernel for the codes near each group's mode,
-plus a sparse correction for the rest.
+"""HPTQ on CPU at 4-bit speed: each group's 16-code window as nibbles, a sparse correction for
+the rest, in one C++ kernel (``csrc/hptq_linear.cpp``, op ``babai_cpu::hptq_linear``).
 
 An HPTQ weight is ``W = s_n · C`` with integer codes ``C`` [N, K] of any size and one scale
 (``s_n = s``) or one per row. At the rates HPTQ is used (≈ 2.3–4.3 stored bits) the codes are
@@ -10,42 +10,38 @@ group ``g`` of ``group`` columns we pick the offset ``o[n, g]`` whose window
 
     C = C₄ + Δ,   C₄ = clamp(C, o − 8, o + 7),   Δ = C − C₄  (nonzero only off the window).
 
-``C₄`` goes to ``_weight_int4pack_mm_for_cpu`` as nibbles ``q = C₄ − o + 8 ∈ [0, 15]`` with
-the kernel's per-group affine map ``(q − 8)·a + c`` at ``a = 1``, ``c = o`` — integers the
-kernel reconstructs exactly (``|o| ≤ MAX_OFFSET``, so every weight it forms is an integer of
-magnitude ≤ 256, exact in bf16 and fp32).
+``C₄`` is stored as nibbles ``q = C₄ − o + 8 ∈ [0, 15]``; with ``S_g = Σ_{k∈g} x_k`` a row's
+window part is ``x·C₄ᵀ = Σ_k x_k·q_k + Σ_g (o_g − 8)·S_g``, so the kernel's inner loop is one
+fp32 FMA per weight on the nibble itself and the offsets cost one FMA per group.
 
 The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
-layer holds 2–390 of them while most hold 0–3), and a sparse entry costs far more than a
-weight of the kernel (a gather, a product and an add into the output: ≈ ``ENTRY_COST``
-weights). So the ``H`` rows holding the most (``heavy_rows``: ``H`` ∈ {0, 16, 32, 64, …}
-minimizing ``H·K + ENTRY_COST·(entries left + H)``) get a second int4pack row each, appended
-after the ``N`` window rows: there ``C − o = lo + 16·r`` with ``lo, r ∈ [−8, 7]``, the window
-row holds ``lo`` and the hi row ``r`` at scale 16, zero 0 (``split_heavy``), so the two rows'
-integer weights sum to the codes exactly. What is left of ``Δ`` (the light rows' entries)
-is stored as COO (int32 rows and columns, fp32 values, in row order, zero-padded:
-``padded_length``). The layer computes, in fp32 after the kernel's bf16 output
-``out = bf16(x·[C₄; Hi]ᵀ)`` [M, N + H],
+layer holds 2–390 of them while most hold 0–3). The ``H`` rows holding the most
+(``heavy_rows``: ``H`` ∈ {0, 16, 32, 64, …} minimizing ``H·K + ENTRY_COST·(entries left)``)
+get a second nibble row each, after the ``N`` window rows: there ``C − o = lo + 16·r`` with
+``lo, r ∈ [−8, 7]``, the window row holds ``lo`` and the hi row ``r`` (offset 0, read ×16;
+``split_heavy``), so the two rows sum to the codes exactly. What is left of ``Δ`` is kept as
+entries (int32 rows and columns, fp32 values, exact for |Δ| < 2²⁴). The layer computes, all
+in fp32 (``x`` is not rounded),
 
-    y = s_n · ( out[:, :N] + Σ_j out[:, N + j]·e_{hi_rows[j]} + x·Δᵀ ) + b,
+    y = s_n · ( raw[:N] + Σ_j 16·raw[N + j]·e_{hi_rows[j]} + x·Δᵀ ) + b,   raw = x·[C₄; Hi]ᵀ,
 
-the two sums as ``index_add`` scatters in pieces of at most ``CHUNK`` = 512 entries: inductor
-runs a loop on all threads once it has ≥ 512·threads iterations, and two threads adding
-atomically into one output vector of a few hundred floats cost far more than the adds
-(BENCHMARKS.md, "HPTQ at 4-bit speed: hi rows + serial scatter"). The weight is exact (no
-scale is rounded to bf16, unlike the plain 4-bit path, whose ``a``, ``c`` are bf16); the
-roundings are the kernel's fp32-accumulated bf16 outputs (one per window row and hi row;
-a heavy row's output is the sum of two) and the final cast to the activation dtype.
-Like ``Int4PackLinear`` it computes in bf16 (fp32 activations are cast).
+and returns ``y`` in ``x``'s dtype. The kernel (``csrc/hptq_linear.cpp``) takes the rows in
+blocks of 32 (``pack_blocks``: per block and column 16 bytes, row ``j`` in the low nibble and
+row ``16 + j`` in the high one), spreads the blocks over torch's threads, keeps up to 4
+activation rows per pass over a block's weights, and adds the hi rows, the entries, ``s_n``
+and ``b`` after the blocks — one call per layer, which a compiled graph makes directly (the
+op has a fake kernel). Its only roundings are fp32 sums: against the dequantized weight in
+fp64, ``|y − y*| ≤ c·ε·Σ_k |x_k|·(|q_k| + |o − 8|)·|s_n|`` (tests).
 
 ``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
 an HPTQ weight (``HuffmanQuantizedTensor``) keeps that layout on itself and its ``F.linear``
 on CPU runs it by default (``babai_ao.ao.hptq_tensor``; ``cpu_kernel("exact")`` turns it
 off). ``prepare_hptq_cpu(codes, scales, bias)`` builds the layer and returns ``None`` where the
 layout does not pay (more than ``MAX_SPARSE_FRACTION`` of the weights off their windows) or
-cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``); ``prepare_cpu`` then keeps the int8
-path. The prepared module holds only the kernel's layout: save the model before preparing.
-``BABAI_CPU_HPTQ_INT4=0`` turns this form off (HPTQ layers then take the int8 path).
+cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``, the C++ op not built:
+``kernels.cpp_ops``); ``prepare_cpu`` then keeps the int8 path. The prepared module holds only
+the kernel's layout: save the model before preparing. ``BABAI_CPU_HPTQ_INT4=0`` turns this
+form off (HPTQ layers then take the int8 path).
 """
 
 from __future__ import annotations
@@ -55,19 +51,21 @@ import os
 import torch
 from torch import nn
 
-GROUP_SIZES = (256, 128, 64, 32)  # int4pack's groups, largest first
+from . import cpp_ops
+
+GROUP_SIZES = (256, 128, 64, 32)  # one offset per row and group: largest first
 WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
-MAX_OFFSET = 248  # |o| + 8 ≤ 256: every integer the kernel forms is exact in bf16
+MAX_OFFSET = 248  # |o − 8| fits int16 with room; windows farther out are not searched
 MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
-ENTRY_COST = 256  # one sparse entry (serial atomic add) ≈ this many int4pack weights
-CHUNK = 512  # sparse entries per scatter: below inductor's parallel threshold (512·threads)
+ENTRY_COST = 64  # one sparse entry (serial, after the blocks) ≈ this many nibble weights
+ROW_BLOCK = 32  # rows per kernel block (csrc/hptq_linear.cpp)
 HI_ROW_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
 
 
 def group_size_for(in_features: int) -> int | None:
-    """The largest int4pack group size dividing ``K`` (fewer per-group scale/zero pairs to
-    read), or ``None``."""
+    """The largest of ``GROUP_SIZES`` dividing ``K`` (fewer offsets to store and read), or
+    ``None``."""
     return next((g for g in GROUP_SIZES if in_features % g == 0), None)
 
 
@@ -101,7 +99,7 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
 def heavy_rows(counts: torch.Tensor, in_features: int) -> int:
     """How many of the rows holding the most off-window codes get a hi row: the count in
     ``HI_ROW_COUNTS`` (at most ``N``) minimizing ``H·K + ENTRY_COST·(entries left)``, the
-    int4pack weights the hi rows add against the sparse entries they remove. A few fixed
+    nibble weights the hi rows add against the sparse entries they remove. A few fixed
     counts keep the number of distinct shapes, hence compiled kernels, small."""
     counts = counts.sort(descending=True).values  # off-window codes per row
     total = int(counts.sum())
@@ -119,7 +117,7 @@ def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, hi, Δ)`` of rows ``codes`` [H, K] (offsets [H, G]) moved to two nibbles: there
     ``C − o = lo + 16·r`` with ``lo ∈ [−8, 7]`` (``q = lo + 8``, the row's window nibble) and
-    ``r ∈ [−8, 7]`` (``hi = r + 8``, a second int4pack row read with scale 16, zero 0), so the
+    ``r ∈ [−8, 7]`` (``hi = r + 8``, a second nibble row with offset 0, read ×16), so the
     two rows' weights sum to ``C`` and ``Δ`` is 0 there; a code with ``r`` outside ``[−8, 7]``
     keeps its clamped window nibble and its ``Δ`` (:func:`split_codes`). All int64 [H, K]."""
     q, delta = split_codes(codes, offsets, group_size)
@@ -129,25 +127,6 @@ def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
     fits = (r >= -WINDOW // 2) & (r < WINDOW // 2)
     return (torch.where(fits, lo + WINDOW // 2, q), torch.where(fits, r, 0) + WINDOW // 2,
             torch.where(fits, 0, delta))
-
-
-def coo(rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The nonzeros of ``Δ`` (``rows``, ``cols``, ``val``; any order) in row order: rows,
-    columns (int32) and values (fp32, exact for |Δ| < 2²⁴), padded with (0, 0, 0.0) entries
-    to a length :func:`padded_length`.
-
-    The padding adds ``x[:, 0]·0`` to output 0. It is there for compile time: inductor bakes
-    the entry count into each layer's C++ kernel, so unpadded every layer compiled its own
-    kernel (a 30-block SmolLM2 took > 12 min to compile on the shared 2-core box instead of
-    ≈ 2); padded, layers of one shape share a handful of kernels.
-    """
-    order = torch.sort(rows * (int(cols.max()) + 1 if cols.numel() else 1) + cols).indices
-    rows, cols, val = rows[order], cols[order], val[order].to(torch.float32)
-    pad = padded_length(int(val.numel())) - int(val.numel())
-    zeros = torch.zeros(pad, dtype=torch.int64)
-    return (torch.cat([rows, zeros]).to(torch.int32), torch.cat([cols, zeros]).to(torch.int32),
-            torch.cat([val, torch.zeros(pad)]))
 
 
 LAYOUT_CHUNK = 1 << 22  # weights per chunk of rows while a layout is built
@@ -174,61 +153,63 @@ def windows_in_chunks(codes: torch.Tensor, group_size: int
             tuple(torch.cat(t) for t in zip(*entries)))
 
 
-def padded_length(entries: int) -> int:
-    """0, a power of two from 64 to ``CHUNK``, or the next multiple of ``CHUNK``."""
-    if entries == 0:
-        return 0
-    if entries > CHUNK:
-        return -(-entries // CHUNK) * CHUNK
-    return max(64, 1 << (entries - 1).bit_length())
+def pack_blocks(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [R/32, K, 16] from nibbles [R, K] (``R % 32 = 0``): block ``b``, column ``k``,
+    byte ``j`` holds row ``32b + j`` in its low nibble and row ``32b + 16 + j`` in its high."""
+    r, k = nibbles.shape
+    b = nibbles.to(torch.uint8).reshape(r // ROW_BLOCK, 2, ROW_BLOCK // 2, k).permute(0, 3, 1, 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).contiguous()
+
+
+def block_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """int16 [R/32, G, 32] from the rows' ``o − 8`` [R, G]: the kernel reads one block's 32
+    rows of a group at once."""
+    r, g = offsets.shape
+    return offsets.to(torch.int16).reshape(r // ROW_BLOCK, ROW_BLOCK, g).transpose(1, 2).contiguous()
 
 
 class Int4SparseLinear(nn.Module):
-    """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: the int4pack kernel on the window rows (plus hi
-    rows for the heaviest rows) and the sparse ``Δ`` (COO), computed in bf16 by the kernel
-    and fp32 after it (:func:`linear`)."""
+    """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: window nibbles (plus hi rows for the heaviest rows)
+    and the sparse ``Δ``, in fp32 in one ``babai_cpu::hptq_linear`` call (:func:`linear`)."""
 
-    def __init__(self, weight: torch.Tensor, scale_zero: torch.Tensor, scales: torch.Tensor,
+    def __init__(self, blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
                  hi_rows: torch.Tensor, sparse_rows: torch.Tensor, sparse_cols: torch.Tensor,
-                 sparse_val: torch.Tensor, bias: torch.Tensor | None, group_size: int,
-                 in_features: int):
+                 sparse_val: torch.Tensor, bias: torch.Tensor | None, out_features: int):
         super().__init__()
-        self.register_buffer("weight_int4pack", weight)  # [N + H, K/2]: window rows, hi rows
-        self.register_buffer("scale_zero", scale_zero)  # [G, N + H, 2] bf16: (1, o), (16, 0)
+        self.register_buffer("blocks", blocks)  # uint8 [R/32, K, 16]: window rows, hi rows
+        self.register_buffer("offsets", offsets)  # int16 [R/32, G, 32]: o − 8 (hi rows −8)
         self.register_buffer("scales", scales)  # fp32 [1] or [N]
         self.register_buffer("hi_rows", hi_rows)  # int32 [H]: the row each hi row adds to
         self.register_buffer("sparse_rows", sparse_rows)  # int32 [nnz]
         self.register_buffer("sparse_cols", sparse_cols)  # int32 [nnz]
         self.register_buffer("sparse_val", sparse_val)  # fp32 [nnz]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.group_size, self.in_features = group_size, in_features
-        self.out_features = weight.shape[0] - hi_rows.numel()
-        self.sparse_count = int((sparse_val != 0).sum())  # nonzeros of Δ, padding excluded
+        self.out_features, self.in_features = out_features, blocks.shape[1]
+        self.group_size = self.in_features // offsets.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight_int4pack, self.scale_zero, self.scales, self.hi_rows,
-                      self.sparse_rows, self.sparse_cols, self.sparse_val, self.bias,
-                      self.group_size, self.in_features)
+        return linear(x, self.blocks, self.offsets, self.scales, self.hi_rows, self.sparse_rows,
+                      self.sparse_cols, self.sparse_val, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, int4pack + {self.hi_rows.numel()} hi rows + "
-                f"{self.sparse_count} sparse (bf16 compute)")
+                f"group_size={self.group_size}, 4-bit windows + {self.hi_rows.numel()} hi rows "
+                f"+ {self.sparse_val.numel()} sparse (fp32 compute)")
 
 
 def build_layout(codes: torch.Tensor, scales: torch.Tensor,
                  max_sparse_fraction: float | None = None,
                  heavy: int | None = None) -> tuple[torch.Tensor, ...] | None:
-    """``(int4pack weight, scale_zero, scales, hi_rows, rows, cols, val)`` for
-    ``W = s_n · C`` (integer ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it
-    cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``) or more than
+    """``(blocks, offsets, scales, hi_rows, rows, cols, val)`` for ``W = s_n · C`` (integer
+    ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
+    (``N % 16 ≠ 0``, no group size dividing ``K``, the C++ op unavailable) or more than
     ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights are off their
     windows (then the int8 path is faster), or the form is turned off (``ENABLED``). The
-    group size is ``K // scale_zero.shape[0]``; ``heavy`` overrides :func:`heavy_rows` (how
-    many rows get a hi row)."""
+    group size is ``K // offsets.shape[1]``; ``heavy`` overrides :func:`heavy_rows` (how
+    many rows get a hi row). Entries are in row order (rows ascending, then columns)."""
     n, k = codes.shape
     group = group_size_for(k)
-    if not ENABLED or group is None or n % 16:
+    if not ENABLED or group is None or n % 16 or not cpp_ops.load():
         return None
     if max_sparse_fraction is None:
         max_sparse_fraction = MAX_SPARSE_FRACTION
@@ -242,51 +223,35 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
     q[rows] = q_h.to(torch.uint8)
     light = ~torch.isin(e_rows, rows)  # entries of the other rows, then the hi rows' rest
     h_rows, h_cols = d_h.nonzero(as_tuple=True)
-    sparse = coo(torch.cat([e_rows[light], rows[h_rows]]), torch.cat([e_cols[light], h_cols]),
-                 torch.cat([e_val[light], d_h[h_rows, h_cols]]))
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.cat([q.to(torch.int32), hi.to(torch.int32)]), 1)
-    g = k // group
-    scale_zero = torch.cat([torch.stack([torch.ones(n, g), offsets.to(torch.float32)], -1),
-                            torch.stack([torch.full((h, g), float(WINDOW)),
-                                         torch.zeros(h, g)], -1)])
-    return (weight, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16),
-            scales.reshape(-1).to(torch.float32), rows.to(torch.int32), *sparse)
+    s_rows = torch.cat([e_rows[light], rows[h_rows]])
+    s_cols = torch.cat([e_cols[light], h_cols])
+    s_val = torch.cat([e_val[light], d_h[h_rows, h_cols]])
+    order = torch.argsort(s_rows * k + s_cols)
+    pad = -(n + h) % ROW_BLOCK  # zero rows up to a whole block
+    nibbles = torch.cat([q, hi.to(torch.uint8), torch.zeros(pad, k, dtype=torch.uint8)])
+    shift = torch.cat([offsets - WINDOW // 2,
+                       torch.full((h, k // group), -(WINDOW // 2), dtype=offsets.dtype),
+                       torch.zeros(pad, k // group, dtype=offsets.dtype)])
+    return (pack_blocks(nibbles), block_offsets(shift), scales.reshape(-1).to(torch.float32),
+            rows.to(torch.int32), s_rows[order].to(torch.int32), s_cols[order].to(torch.int32),
+            s_val[order].to(torch.float32))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor,
-           scales: torch.Tensor, hi_rows: torch.Tensor, rows: torch.Tensor,
-           cols: torch.Tensor, val: torch.Tensor, bias: torch.Tensor | None,
-           group_size: int, in_features: int) -> torch.Tensor:
-    """``y = s_n·(bf16(x·C₄ᵀ) + bf16(x·Hiᵀ) + x·Δᵀ) + b`` in ``x.dtype`` (``x`` rounded to
-    bf16; fp32 after the kernel; the hi rows' outputs added to their rows), aten ops only,
-    so a compiled graph calls the kernel itself. The scatters run in pieces of at most
-    ``CHUNK`` entries: inductor runs a loop of ≥ 512·threads iterations on all threads, and
-    atomic adds from two threads into one small output vector cost far more than the adds."""
-    n = weight.shape[0] - hi_rows.numel()
-    x2 = x.reshape(-1, in_features).to(torch.bfloat16)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale_zero)
-    y = out[:, :n].float()
-    if hi_rows.numel():  # y[:, hi_rows[j]] += out[:, n + j]: distinct rows, a plain store
-        y[:, hi_rows] = y[:, hi_rows] + out[:, n:].float()
-    if val.numel():  # y[:, n] += x[:, k]·Δ[n, k] over the entries
-        xf = x2.float()
-        for i in range(0, val.numel(), CHUNK):
-            c = slice(i, i + CHUNK)
-            y = y.index_add(1, rows[c], xf[:, cols[c]] * val[c])
-    y = y * scales
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+def linear(x: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+           hi_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor,
+           bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``y = s_n·(x·C₄ᵀ + 16·(hi rows) + x·Δᵀ) + b`` in ``x.dtype``, computed in fp32 by
+    ``babai_cpu::hptq_linear`` (module docstring) — one op call, also in a compiled graph."""
+    return torch.ops.babai_cpu.hptq_linear(x, blocks, offsets, scales, hi_rows, rows, cols, val,
+                                           bias, out_features)
 
 
 def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                      max_sparse_fraction: float | None = None, heavy: int | None = None
                      ) -> Int4SparseLinear | None:
-    """The int4pack + sparse layer for ``W = s_n · C`` (:func:`build_layout`; ``None``
-    where that declines)."""
+    """The nibble + sparse layer for ``W = s_n · C`` (:func:`build_layout`; ``None`` where
+    that declines)."""
     built = build_layout(codes, scales, max_sparse_fraction, heavy)
     if built is None:
         return None
-    k = codes.shape[1]
-    return Int4SparseLinear(*built, bias, k // built[1].shape[0], k)
+    return Int4SparseLinear(*built, bias, int(codes.shape[0]))

@@ -4,11 +4,11 @@ For CPU inference in bf16, after loading: 4-bit layers become ``Int4PackLinear``
 (``_weight_int4pack_mm_for_cpu``), 8-bit one-group-per-row layers — HPTQ's decoded form —
 ``Int8PackLinear`` (``_weight_int8pack_mm``); HPTQ weights still in their stored (Huffman)
 form are decoded first. HPTQ layers (stored or decoded) whose codes mostly fit a 16-value
-window per group become ``Int4SparseLinear`` (``cpu_hptq``: int4pack + sparse correction)
-instead, the int8 path being the fallback. Each new module's forward is the aten call
-itself (plus, for ``Int4SparseLinear``, small scatters and a scale), so a compiled graph calls the
-kernel with no custom-op round trip. They compute in bf16 (fp32 inputs
-are cast) and hold only the kernel's layout: save the model before preparing, not after.
+window per group become ``Int4SparseLinear`` (``cpu_hptq``: window nibbles + sparse
+correction in one C++ op, fp32 sums) instead, the int8 path being the fallback. Each new
+module's forward is one kernel call (the aten op, or ``babai_cpu::hptq_linear``), so a
+compiled graph calls the kernel directly. The aten kernels compute in bf16 (fp32 inputs are
+cast); all hold only the kernel's layout: save the model before preparing, not after.
 Layers that do not qualify (other widths or groups, SSQR outliers, non-CPU) keep
 ``babai::linear``. 4-bit layers no longer need it for speed: a ``BabaiQuantizedTensor``'s
 ``F.linear`` on CPU runs the same int4pack kernel by default (``babai_ao.ao.tensor``); here

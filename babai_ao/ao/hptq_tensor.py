@@ -9,9 +9,9 @@ the decoded form: ``decode()`` gives the ``BabaiQuantizedTensor`` of ``hptq.comp
 decodes" step (chunk-parallel: the Triton decode kernel on CUDA, a vectorized NumPy loop on
 CPU). A linear called on the stored form is ``babai::hptq_linear``: on CUDA a Triton kernel
 that decodes the stream inside the matmul, so the weight stays entropy-coded in memory; on
-CPU, by default, torch's int4pack kernel on each group's 16-code window (and a second
+CPU, by default, one C++ kernel on each group's 16-code window as nibbles (and a second
 nibble row for the rows with the most codes off it) plus a sparse correction for the rest
-(``babai_ao.kernels.cpu_hptq``: the same weight exactly, activations rounded to bf16),
+(``babai_ao.kernels.cpu_hptq``: the same weight exactly, fp32 sums, built on first use),
 from a layout built on the first call (or when ``torch.compile`` first sees the weight) and
 kept on the tensor, never saved (``cpu_layout``); where that layout does not fit, under
 ``babai_ao.cpu_kernel("exact")`` and inside babai-ao's calibration and perplexity
@@ -61,10 +61,10 @@ class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
     optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
     # kernels.cpu_hptq's layout (a cache, never saved: ``cpu_layout``)
-    cpu_layout_names = ["cpu_int4pack", "cpu_scale_zero", "cpu_row_scale", "cpu_hi_rows",
+    cpu_layout_names = ["cpu_blocks", "cpu_offsets", "cpu_row_scale", "cpu_hi_rows",
                         "cpu_sparse_rows", "cpu_sparse_cols", "cpu_sparse_val"]
-    cpu_int4pack: torch.Tensor | None = None
-    cpu_scale_zero: torch.Tensor | None = None
+    cpu_blocks: torch.Tensor | None = None
+    cpu_offsets: torch.Tensor | None = None
     cpu_row_scale: torch.Tensor | None = None
     cpu_hi_rows: torch.Tensor | None = None
     cpu_sparse_rows: torch.Tensor | None = None
@@ -120,7 +120,7 @@ class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
         return certificate_from_json(self.certificate_json)
 
     def cpu_layout_eligible(self) -> bool:
-        """On the CPU, ``N % 16 = 0`` and an int4pack group size dividing ``K``."""
+        """On the CPU, ``N % 16 = 0`` and a window group size dividing ``K``."""
         n, k = (int(s) for s in self.shape)
         return (self.bitstream.device.type == "cpu" and n % 16 == 0
                 and cpu_hptq.group_size_for(k) is not None)
@@ -199,8 +199,8 @@ implements_torch_function = HuffmanQuantizedTensor.implements_torch_function
 @implements(torch.ops.aten.linear.default)
 @implements_torch_function(torch.nn.functional.linear)
 def _(func, types, args, kwargs):
-    """On CPU by default ``cpu_hptq.linear`` on the layout kept on the weight (int4pack on
-    each group's 16-code window + sparse correction; ``x`` rounded to bf16), built on the
+    """On CPU by default ``cpu_hptq.linear`` on the layout kept on the weight (nibbles of
+    each group's 16-code window + sparse correction, fp32 sums), built on the
     first call; else (exact mode, other devices, a gradient for ``x``, a layer the layout
     does not fit) ``babai::hptq_linear``."""
     x, weight, bias = fill_defaults(args, 3, [None])
@@ -210,8 +210,7 @@ def _(func, types, args, kwargs):
     if cpu_int4pack_applies(x) and not (torch.is_grad_enabled() and x.requires_grad):
         layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
         if layout is not None:
-            k = int(weight.shape[1])
-            return cpu_hptq.linear(x, *layout, bias, k // layout[1].shape[0], k)
+            return cpu_hptq.linear(x, *layout, bias, int(weight.shape[0]))
     return torch.ops.babai.hptq_linear(
         x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
         int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)
@@ -237,7 +236,7 @@ def _(func, types, args, kwargs):
 def prepare_hptq_cpu(weight: torch.Tensor, bias: torch.Tensor | None = None
                      ) -> nn.Module | None:
     """The CPU inference layer for an HPTQ weight ``W = s_n·C``: ``Int4SparseLinear``
-    (int4pack on each group's 16-code window + sparse correction, exactly ``W``), or ``None``
+    (nibbles of each group's 16-code window + sparse correction, exactly ``W``), or ``None``
     where that form does not apply or does not pay (``kernels.cpu_hptq.prepare_hptq_cpu``).
 
     ``weight`` is a ``HuffmanQuantizedTensor`` (stored form, decoded here) or an 8-bit

@@ -1,0 +1,64 @@
+"""babai-ao's C++ CPU ops (``csrc/``), built on first use and registered as ``babai_cpu::``.
+
+``torch.utils.cpp_extension.load`` compiles ``csrc/*.cpp`` once per machine (≈ 20 s; cached
+under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, rebuilt when the source
+changes) with ``-O3 -march=native`` (the build runs where the op runs; AVX-512 code where the
+CPU has it, a portable loop elsewhere) and OpenMP (``at::parallel_for`` over torch's threads).
+Each op has a fake kernel (shapes only), so ``torch.compile`` puts it in its graph as one call.
+
+:func:`load` returns whether the ops are there. Where they cannot be built (no C++ compiler,
+``BABAI_CPU_CPP=0``) it returns ``False`` once with a one-line warning saying so, and the
+callers keep their aten forms (``kernels.cpu_hptq``: the int8 path).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = (Path(__file__).parent / "csrc" / "hptq_linear.cpp",)
+NAME = "babai_cpu_ops"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the ``babai_cpu::`` ops; ``False`` where
+    they cannot be (warned once) or ``BABAI_CPU_CPP=0``."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _build()
+    return bool(_state["ok"])
+
+
+def _build() -> bool:
+    if os.environ.get("BABAI_CPU_CPP", "1") == "0":
+        return False
+    if hasattr(torch.ops.babai_cpu, "hptq_linear"):  # loaded by another copy of this module
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(NAME, [str(p) for p in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as err:  # no compiler, headers or OpenMP: keep the aten forms
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"babai-ao's C++ CPU kernels could not be built ({first}); HPTQ layers "
+                      "take the slower int8 CPU path: install a C++ compiler (g++) to use "
+                      "them, or set BABAI_CPU_CPP=0 to silence this", stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("babai_cpu::hptq_linear")
+    def _(x, blocks, offsets, scales, hi_rows, rows, cols, val, bias, out_features):
+        return x.new_empty((*x.shape[:-1], out_features))
