@@ -16,7 +16,8 @@ fp32 FMA per weight on the nibble itself and the offsets cost one FMA per group.
 
 The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
 layer holds 2–390 of them while most hold 0–3). The ``H`` rows holding the most
-(``heavy_rows``: ``H`` ∈ {0, 16, 32, 64, …} minimizing ``H·K + ENTRY_COST·(entries left)``)
+(``heavy_rows``: ``H`` minimizing the kernel's time on the blocks plus ``ENTRY_COST`` weights
+per entry left)
 get a second nibble row each, after the ``N`` window rows: there ``C − o = lo + 16·r`` with
 ``lo, r ∈ [−8, 7]``, the window row holds ``lo`` and the hi row ``r`` (offset 0, read ×16;
 ``split_heavy``), so the two rows sum to the codes exactly. What is left of ``Δ`` is kept as
@@ -57,9 +58,8 @@ GROUP_SIZES = (256, 128, 64, 32)  # one offset per row and group: largest first
 WINDOW = 16  # 4-bit codes: 16 consecutive integers per group
 MAX_OFFSET = 248  # |o − 8| fits int16 with room; windows farther out are not searched
 MAX_SPARSE_FRACTION = 0.03  # off-window codes / weights above this: keep the int8 path
-ENTRY_COST = 64  # one sparse entry (serial, after the blocks) ≈ this many nibble weights
+ENTRY_COST = 32  # one sparse entry (serial, after the blocks) ≈ this many nibble weights
 ROW_BLOCK = 32  # rows per kernel block (csrc/hptq_linear.cpp)
-HI_ROW_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ENABLED = os.environ.get("BABAI_CPU_HPTQ_INT4", "1") != "0"
 
 
@@ -96,21 +96,28 @@ def split_codes(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
     return q, codes - (q - WINDOW // 2 + o)
 
 
-def heavy_rows(counts: torch.Tensor, in_features: int) -> int:
-    """How many of the rows holding the most off-window codes get a hi row: the count in
-    ``HI_ROW_COUNTS`` (at most ``N``) minimizing ``H·K + ENTRY_COST·(entries left)``, the
-    nibble weights the hi rows add against the sparse entries they remove. A few fixed
-    counts keep the number of distinct shapes, hence compiled kernels, small."""
-    counts = counts.sort(descending=True).values  # off-window codes per row
-    total = int(counts.sum())
-    best, best_cost = 0, float(total * ENTRY_COST)
-    for h in HI_ROW_COUNTS:
-        if h > counts.numel():
-            break
-        cost = h * in_features + ENTRY_COST * (total - int(counts[:h].sum()))
-        if cost < best_cost:
-            best, best_cost = h, cost
-    return best
+def heavy_rows(counts: torch.Tensor, in_features: int, threads: int | None = None) -> int:
+    """How many of the rows holding the most off-window codes get a hi row: the ``H``
+    minimizing the layer's wall time in weight units,
+
+        cost(H) = ⌈(N + H)/(32·T)⌉·32·T·K + ENTRY_COST·(entries left after the top H rows),
+
+    the kernel's time on ``T`` threads (``threads``, default ``torch.get_num_threads()``: each
+    thread runs whole 32-row blocks, so the slowest thread has ⌈blocks/T⌉ of them) against
+    the serial sparse entries. Within one block count more rows cost nothing, so the
+    candidates are 0 and every ``H`` that fills the last 32·T rows."""
+    t = max(1, threads or torch.get_num_threads())
+    step = ROW_BLOCK * t
+    n = counts.numel()
+    kept = torch.cat([torch.zeros(1, dtype=torch.int64),
+                      counts.sort(descending=True).values.cumsum(0)])  # entries in top h
+    total = int(kept[-1])
+
+    def cost(h: int) -> int:
+        return -(-(n + h) // step) * step * in_features + ENTRY_COST * (total - int(kept[h]))
+
+    first = -n % step or step
+    return min([0, *range(first, n + 1, step)], key=lambda h: (cost(h), h))
 
 
 def split_heavy(codes: torch.Tensor, offsets: torch.Tensor, group_size: int
