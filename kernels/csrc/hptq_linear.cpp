@@ -24,6 +24,7 @@ namespace {
 constexpr int64_t kRows = 32;   // rows per block
 constexpr int64_t kBytes = 16;  // bytes per block column
 constexpr float kHiScale = 16.f;
+constexpr int64_t kMinParallelWork = 1 << 16;  // weights × rows per thread, at least
 
 // raw[m, 32 rows] of one block for BM ≤ 4 activation rows.
 template <int BM>
@@ -93,20 +94,30 @@ void block_rows(const float* x, int64_t K, const uint8_t* w, const int16_t* off,
 #endif
 }
 
-// Element i of a contiguous fp32/bf16/fp16 tensor as float.
-inline float read_float(const void* p, at::ScalarType t, int64_t i) {
-  switch (t) {
-    case at::kBFloat16: return float(static_cast<const c10::BFloat16*>(p)[i]);
-    case at::kHalf: return float(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
+// x [M, K] widened to fp32 into xp, and S_g = Σ_{k∈g} x_k into xs (when not null).
+template <typename T>
+void widen(const T* x, int64_t M, int64_t K, int64_t group, float* xp, float* xs) {
+  for (int64_t i = 0; i < M * K; ++i) xp[i] = float(x[i]);
+  if (xs == nullptr) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / group; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += xp[m * K + k];
+      xs[m * (K / group) + g] = sum;
+    }
 }
 
-inline void write_float(void* p, at::ScalarType t, int64_t i, float v) {
-  switch (t) {
-    case at::kBFloat16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-    case at::kHalf: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p)[i] = v;
+// y_n = s_n·row_n (+ b_n), cast to T.
+template <typename T>
+void finish(const float* row, const float* s, int64_t ns, const float* b, int64_t N, T* y) {
+  if (ns == 1 && b == nullptr) {
+    for (int64_t n = 0; n < N; ++n) y[n] = T(row[n] * s[0]);
+  } else if (ns == 1) {
+    for (int64_t n = 0; n < N; ++n) y[n] = T(row[n] * s[0] + b[n]);
+  } else if (b == nullptr) {
+    for (int64_t n = 0; n < N; ++n) y[n] = T(row[n] * s[n]);
+  } else {
+    for (int64_t n = 0; n < N; ++n) y[n] = T(row[n] * s[n] + b[n]);
   }
 }
 
@@ -153,21 +164,16 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const a
   float* xp = buffer.data();
   float* xsp = xp + M * K;
   float* rp = xsp + M * G;
-  const void* xv = x.const_data_ptr();
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      float sum = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-        const float v = read_float(xv, xt, m * K + k);
-        xp[m * K + k] = v;
-        sum += v;
-      }
-      xsp[m * G + g] = sum;
-    }
+  switch (xt) {
+    case at::kBFloat16: widen(x.const_data_ptr<c10::BFloat16>(), M, K, group, xp, xsp); break;
+    case at::kHalf: widen(x.const_data_ptr<c10::Half>(), M, K, group, xp, xsp); break;
+    default: widen(x.const_data_ptr<float>(), M, K, group, xp, xsp);
   }
   const uint8_t* wp = blocks.const_data_ptr<uint8_t>();
   const int16_t* op = offsets.const_data_ptr<int16_t>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  // whole blocks per thread; a layer too small to pay for waking a thread runs inline
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (kRows * K * M));
+  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* w = wp + b * K * kBytes;
       const int16_t* off = op + b * G * kRows;
@@ -191,22 +197,29 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const a
   const float* vp = val.const_data_ptr<float>();
   const float* sp = scales.const_data_ptr<float>();
   const int64_t ns = scales.numel();
-  const void* bp = has_bias ? bias->const_data_ptr() : nullptr;
-  const at::ScalarType bt = has_bias ? bias->scalar_type() : at::kFloat;
+  float* bp = nullptr;  // the bias as fp32 (after x, S_g and raw in the buffer)
+  if (has_bias) {
+    thread_local std::vector<float> bias_buffer;
+    bias_buffer.resize(N);
+    bp = bias_buffer.data();
+    const at::ScalarType bt = bias->scalar_type();
+    if (bt == at::kBFloat16) widen(bias->const_data_ptr<c10::BFloat16>(), 1, N, N, bp, nullptr);
+    else if (bt == at::kHalf) widen(bias->const_data_ptr<c10::Half>(), 1, N, N, bp, nullptr);
+    else widen(bias->const_data_ptr<float>(), 1, N, N, bp, nullptr);
+  }
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
-  void* yp = y.data_ptr();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       float* row = rp + m * ld;
       const float* xm = xp + m * K;
       for (int64_t j = 0; j < H; ++j) row[hp[j]] += kHiScale * row[N + j];
       for (int64_t e = 0; e < E; ++e) row[rr[e]] += xm[cc[e]] * vp[e];
-      for (int64_t n = 0; n < N; ++n) {
-        float t = row[n] * sp[ns == 1 ? 0 : n];
-        if (bp) t += read_float(bp, bt, n);
-        write_float(yp, xt, m * N + n, t);
+      switch (xt) {
+        case at::kBFloat16: finish(row, sp, ns, bp, N, y.data_ptr<c10::BFloat16>() + m * N); break;
+        case at::kHalf: finish(row, sp, ns, bp, N, y.data_ptr<c10::Half>() + m * N); break;
+        default: finish(row, sp, ns, bp, N, y.data_ptr<float>() + m * N);
       }
     }
   });
