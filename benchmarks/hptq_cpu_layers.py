@@ -91,7 +91,9 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         hptq = [_layer(hp, b, kind) for b in range(blocks)]
-        layouts = [h.weight.cpu_layout(build=True) for h in hptq]
+        from babai_ao.kernels.cpu_hptq import layout_parts
+
+        layouts = [layout_parts(h.weight.cpu_layout(build=True)[0]) for h in hptq]
         k = hptq[0].in_features
         w4_layers = [_layer(w4, b, kind) for b in range(blocks)]
         graphs = {
@@ -109,9 +111,9 @@ def main() -> None:
                 for name, fn in compiled.items():
                     best[name] = min(best[name], _us_per_layer(fn, x, r, blocks, args.reps))
         n = hptq[0].out_features
-        hi = sum(t[3].numel() for t in layouts) / (n * blocks)
-        groups = sorted({k // t[1].shape[1] for t in layouts})
-        sparse = sum(t[6].numel() for t in layouts) / blocks
+        hi = sum(t["hi_count"] for t in layouts) / (n * blocks)
+        groups = sorted({k // t["groups"] for t in layouts})
+        sparse = sum(t["entries"] for t in layouts) / blocks
         row = {"kind": kind, "shape": f"{k}→{n}", "hi_rows_share": hi,
                "groups": groups,
                "sparse_entries_per_layer": sparse, **{f"us_{n_}": v for n_, v in best.items()}}

@@ -175,44 +175,96 @@ def block_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets.to(torch.int16).reshape(r // ROW_BLOCK, ROW_BLOCK, g).transpose(1, 2).contiguous()
 
 
+HEADER = ("magic", "row_blocks", "in_features", "groups", "hi_count", "entries",
+          "scale_count", "out_features")  # int64 each, then the parts below, each at a multiple of ALIGN
+MAGIC = 0x4250545148  # "HQTPB": this layout, version 1
+ALIGN = 64
+PARTS = (("blocks", torch.uint8), ("offsets", torch.int16), ("scales", torch.float32),
+         ("hi_rows", torch.int32), ("rows", torch.int32), ("cols", torch.int32),
+         ("val", torch.float32))
+
+
+def _part_sizes(head: dict[str, int]) -> list[int]:
+    nb, k, g, e = head["row_blocks"], head["in_features"], head["groups"], head["entries"]
+    return [nb * k * 16, nb * g * ROW_BLOCK, head["scale_count"], head["hi_count"], e, e, e]
+
+
+def pack_layout(blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+                hi_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                val: torch.Tensor, out_features: int) -> torch.Tensor:
+    """One uint8 tensor holding the whole layout (header, then ``PARTS`` in that order and
+    dtype, each starting at a multiple of ``ALIGN`` bytes): one buffer per layer keeps what a
+    compiled graph guards and the op parses to a minimum (the kernel reads it in place)."""
+    head = {"magic": MAGIC, "row_blocks": blocks.shape[0], "in_features": blocks.shape[1],
+            "groups": offsets.shape[1], "hi_count": hi_rows.numel(), "entries": val.numel(),
+            "scale_count": scales.numel(), "out_features": out_features}
+    pieces = [torch.tensor([head[h] for h in HEADER], dtype=torch.int64).view(torch.uint8)]
+    for (_, dtype), t in zip(PARTS, (blocks, offsets, scales, hi_rows, rows, cols, val)):
+        pad = -sum(p.numel() for p in pieces) % ALIGN
+        pieces += [torch.zeros(pad, dtype=torch.uint8),
+                   t.to(dtype).contiguous().reshape(-1).view(torch.uint8)]
+    return torch.cat(pieces)
+
+
+def layout_parts(layout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of :func:`pack_layout`'s parts (``blocks`` [nb, K, 16], ``offsets`` [nb, G, 32],
+    ``scales``, ``hi_rows``, ``rows``, ``cols``, ``val``) and its header's integers."""
+    head = dict(zip(HEADER, layout[:8 * len(HEADER)].view(torch.int64).tolist()))
+    if head["magic"] != MAGIC:
+        from babai_ao.errors import BabaiError
+
+        raise BabaiError("not an HPTQ CPU layout (wrong magic): rebuild it with build_layout")
+    out: dict[str, torch.Tensor] = {}
+    at = 8 * len(HEADER)
+    for (name, dtype), count in zip(PARTS, _part_sizes(head)):
+        at += -at % ALIGN
+        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        out[name] = layout[at:at + nbytes].view(dtype)
+        at += nbytes
+    nb, k, g = head["row_blocks"], head["in_features"], head["groups"]
+    out["blocks"] = out["blocks"].reshape(nb, k, 16)
+    out["offsets"] = out["offsets"].reshape(nb, g, ROW_BLOCK)
+    return {**out, **{h: head[h] for h in HEADER[1:]}}
+
+
 class Int4SparseLinear(nn.Module):
     """``y = s_n·(x @ C₄ᵀ + x @ Δᵀ) + b``: window nibbles (plus hi rows for the heaviest rows)
-    and the sparse ``Δ``, in fp32 in one ``babai_cpu::hptq_linear`` call (:func:`linear`)."""
+    and the sparse ``Δ``, in fp32 in one ``babai_cpu::hptq_linear`` call on one layout
+    buffer (:func:`pack_layout`, :func:`linear`)."""
 
-    def __init__(self, blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
-                 hi_rows: torch.Tensor, sparse_rows: torch.Tensor, sparse_cols: torch.Tensor,
-                 sparse_val: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    def __init__(self, layout: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("blocks", blocks)  # uint8 [R/32, K, 16]: window rows, hi rows
-        self.register_buffer("offsets", offsets)  # int16 [R/32, G, 32]: o − 8 (hi rows −8)
-        self.register_buffer("scales", scales)  # fp32 [1] or [N]
-        self.register_buffer("hi_rows", hi_rows)  # int32 [H]: the row each hi row adds to
-        self.register_buffer("sparse_rows", sparse_rows)  # int32 [nnz]
-        self.register_buffer("sparse_cols", sparse_cols)  # int32 [nnz]
-        self.register_buffer("sparse_val", sparse_val)  # fp32 [nnz]
+        self.register_buffer("layout", layout)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.out_features, self.in_features = out_features, blocks.shape[1]
-        self.group_size = self.in_features // offsets.shape[1]
+        parts = layout_parts(layout)
+        self.out_features, self.in_features = parts["out_features"], parts["in_features"]
+        self.group_size = self.in_features // parts["groups"]
+
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The layout's parts as views (:func:`layout_parts`)."""
+        return layout_parts(self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.blocks, self.offsets, self.scales, self.hi_rows, self.sparse_rows,
-                      self.sparse_cols, self.sparse_val, self.bias, self.out_features)
+        return linear(x, self.layout, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
+        p = self.parts
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, 4-bit windows + {self.hi_rows.numel()} hi rows "
-                f"+ {self.sparse_val.numel()} sparse (fp32 compute)")
+                f"group_size={self.group_size}, 4-bit windows + {p['hi_count']} hi rows "
+                f"+ {p['entries']} sparse (fp32 compute)")
 
 
 def build_layout(codes: torch.Tensor, scales: torch.Tensor,
                  max_sparse_fraction: float | None = None,
-                 heavy: int | None = None) -> tuple[torch.Tensor, ...] | None:
-    """``(blocks, offsets, scales, hi_rows, rows, cols, val)`` for ``W = s_n · C`` (integer
+                 heavy: int | None = None) -> tuple[torch.Tensor] | None:
+    """``(layout,)`` (:func:`pack_layout` of blocks, offsets, scales, hi rows and the sparse
+    entries) for ``W = s_n · C`` (integer
     ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
     (``N % 16 ≠ 0``, no group size dividing ``K``, the C++ op unavailable) or more than
     ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights are off their
     windows (then the int8 path is faster), or the form is turned off (``ENABLED``). The
-    group size is ``K // offsets.shape[1]``; ``heavy`` overrides :func:`heavy_rows` (how
+    ``heavy`` overrides :func:`heavy_rows` (how
     many rows get a hi row). Entries are in row order (rows ascending, then columns)."""
     n, k = codes.shape
     group = group_size_for(k)
@@ -239,18 +291,16 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
     shift = torch.cat([offsets - WINDOW // 2,
                        torch.full((h, k // group), -(WINDOW // 2), dtype=offsets.dtype),
                        torch.zeros(pad, k // group, dtype=offsets.dtype)])
-    return (pack_blocks(nibbles), block_offsets(shift), scales.reshape(-1).to(torch.float32),
-            rows.to(torch.int32), s_rows[order].to(torch.int32), s_cols[order].to(torch.int32),
-            s_val[order].to(torch.float32))
+    return (pack_layout(pack_blocks(nibbles), block_offsets(shift), scales.reshape(-1),
+                        rows, s_rows[order], s_cols[order], s_val[order], n),)
 
 
-def linear(x: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
-           hi_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor,
-           bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def linear(x: torch.Tensor, layout: torch.Tensor, bias: torch.Tensor | None,
+           out_features: int) -> torch.Tensor:
     """``y = s_n·(x·C₄ᵀ + 16·(hi rows) + x·Δᵀ) + b`` in ``x.dtype``, computed in fp32 by
-    ``babai_cpu::hptq_linear`` (module docstring) — one op call, also in a compiled graph."""
-    return torch.ops.babai_cpu.hptq_linear(x, blocks, offsets, scales, hi_rows, rows, cols, val,
-                                           bias, out_features)
+    ``babai_cpu::hptq_linear`` on :func:`pack_layout`'s buffer (module docstring) — one op
+    call, also in a compiled graph."""
+    return torch.ops.babai_cpu.hptq_linear(x, layout, bias, out_features)
 
 
 def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -261,4 +311,4 @@ def prepare_hptq_cpu(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tens
     built = build_layout(codes, scales, max_sparse_fraction, heavy)
     if built is None:
         return None
-    return Int4SparseLinear(*built, bias, int(codes.shape[0]))
+    return Int4SparseLinear(built[0], bias)

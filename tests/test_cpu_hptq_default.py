@@ -42,10 +42,11 @@ def test_default_path_is_the_nibble_sparse_form(shape, bias):
     t = _weight()
     x = torch.randn(*shape)
     b = torch.randn(64) if bias else None
-    assert t.cpu_blocks is None
+    assert t.cpu_hptq_layout is None
     out = torch.nn.functional.linear(x, t, b)
-    assert t.cpu_blocks is not None  # and codes off their windows: hi rows or sparse entries
-    assert int((t.cpu_sparse_val != 0).sum()) + t.cpu_hi_rows.numel() > 0
+    assert t.cpu_hptq_layout is not None  # and codes off their windows: hi rows or sparse entries
+    parts = cpu_hptq.layout_parts(t.cpu_hptq_layout)
+    assert parts["entries"] + parts["hi_rows"].numel() > 0
     assert out.dtype == torch.float32 and out.shape == (*shape[:-1], 64)
     exact = torch.nn.functional.linear(x, t.dequantize(torch.float32), b)
     err = float((out - exact).abs().max())  # fp32 sums in another order: no bf16 rounding
@@ -64,7 +65,7 @@ def test_exact_mode_is_bit_exact_and_builds_nothing(shape, bias):
         assert torch.equal(torch.nn.functional.linear(x, t, b), ref)
     with cpu_int4.exact_forwards():  # calibration / perplexity scope: the same
         assert torch.equal(torch.nn.functional.linear(x, t, b), ref)
-    assert t.cpu_blocks is None
+    assert t.cpu_hptq_layout is None
 
 
 def test_where_the_form_does_not_fit_the_reference_runs(monkeypatch):
@@ -77,7 +78,7 @@ def test_where_the_form_does_not_fit_the_reference_runs(monkeypatch):
     t = _weight(seed=3)
     assert torch.equal(torch.nn.functional.linear(x, t),
                        torch.nn.functional.linear(x, t.dequantize(torch.float32)))
-    assert t.cpu_blocks is None and t._cpu_layout_absent
+    assert t.cpu_hptq_layout is None and t._cpu_layout_absent
 
 
 def test_compiled_equals_eager_one_graph_calls_the_kernel():
@@ -91,9 +92,9 @@ def test_compiled_equals_eager_one_graph_calls_the_kernel():
         torch._dynamo.reset()
         fresh = torch.nn.Sequential(_linear(96, 192, 4), torch.nn.SiLU(),
                                     _linear(64, 96, 5, bias=False))
-        assert fresh[0].weight.cpu_blocks is None
+        assert fresh[0].weight.cpu_hptq_layout is None
         compiled, code = run_and_get_code(torch.compile(fresh, fullgraph=True), x)
-        assert fresh[0].weight.cpu_blocks is not None  # built when compile looked at it
+        assert fresh[0].weight.cpu_hptq_layout is not None  # built when compile looked at it
         eager = fresh(x)
     text = "\n".join(code)
     assert text.count(KERNEL_CALL) == 2
@@ -111,7 +112,7 @@ def test_layout_is_never_saved_and_follows_detach():
     assert len(full.getvalue()) == len(empty.getvalue())
     full.seek(0)
     loaded = torch.load(full, weights_only=True)
-    assert loaded.cpu_blocks is None and torch.equal(loaded.dequantize(), t.dequantize())
+    assert loaded.cpu_hptq_layout is None and torch.equal(loaded.dequantize(), t.dequantize())
     d = t.detach()  # torchao's per-tensor op: the layout's tensors detached, not copied
-    assert d.cpu_blocks.data_ptr() == t.cpu_blocks.data_ptr()
-    assert t.to(torch.bfloat16).cpu_blocks is t.cpu_blocks
+    assert d.cpu_hptq_layout.data_ptr() == t.cpu_hptq_layout.data_ptr()
+    assert t.to(torch.bfloat16).cpu_hptq_layout is t.cpu_hptq_layout

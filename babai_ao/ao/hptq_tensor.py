@@ -61,15 +61,8 @@ class HuffmanQuantizedTensor(CPULayoutCache, TorchAOBaseTensor):
     # chunk/max_len repeat header[1:] as Python ints, so compile never reads the header
     optional_tensor_attribute_names = ["certificate_json", "chunk", "max_len"]
     # kernels.cpu_hptq's layout (a cache, never saved: ``cpu_layout``)
-    cpu_layout_names = ["cpu_blocks", "cpu_offsets", "cpu_row_scale", "cpu_hi_rows",
-                        "cpu_sparse_rows", "cpu_sparse_cols", "cpu_sparse_val"]
-    cpu_blocks: torch.Tensor | None = None
-    cpu_offsets: torch.Tensor | None = None
-    cpu_row_scale: torch.Tensor | None = None
-    cpu_hi_rows: torch.Tensor | None = None
-    cpu_sparse_rows: torch.Tensor | None = None
-    cpu_sparse_cols: torch.Tensor | None = None
-    cpu_sparse_val: torch.Tensor | None = None
+    cpu_layout_names = ["cpu_hptq_layout"]
+    cpu_hptq_layout: torch.Tensor | None = None
 
     def __new__(cls, bitstream, symbols, lengths, offsets, header, scale, shape, dtype,
                 certificate_json=None, chunk=None, max_len=None):
@@ -210,7 +203,7 @@ def _(func, types, args, kwargs):
     if cpu_int4pack_applies(x) and not (torch.is_grad_enabled() and x.requires_grad):
         layout = weight.cpu_layout(build=not torch.compiler.is_compiling())
         if layout is not None:
-            return cpu_hptq.linear(x, *layout, bias, int(weight.shape[0]))
+            return cpu_hptq.linear(x, layout[0], bias, int(weight.shape[0]))
     return torch.ops.babai.hptq_linear(
         x, weight.bitstream, weight.symbols, weight.lengths, weight.offsets, weight.scale, bias,
         int(weight.shape[0]), int(weight.shape[1]), weight.chunk, weight.max_len)

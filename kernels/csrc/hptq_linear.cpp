@@ -1,8 +1,8 @@
 // babai_cpu::hptq_linear — an HPTQ layer y = s_n·(x·Cᵀ) + b on the CPU in one call
 // (kernels/cpu_hptq.py states the layout and the math; this file is its kernel).
 //
-// Rows (N window rows, then H hi rows, zero rows up to a multiple of 32) come in blocks of
-// 32. Block b, column k: 16 bytes, byte j = nibble of row 32b + j (low) | nibble of row
+// The layout is one uint8 buffer (parse_layout). Rows (N window rows, then H hi rows, zero
+// rows up to a multiple of 32) come in blocks of 32. Block b, column k: 16 bytes, byte j = nibble of row 32b + j (low) | nibble of row
 // 32b + 16 + j (high). offsets[b, g, j] = o − 8 (int16) of row 32b + j in group g (−8 for hi rows).
 // With S_g = Σ_{k∈g} x_k, a row's raw output is  Σ_k x_k·q_k + Σ_g (o_g − 8)·S_g  (fp32).
 // Then  y_n = raw_n + 16·raw_{N+j} (hi_rows[j] = n) + Σ_e x_{c_e}·v_e (rows_e = n),
@@ -128,29 +128,64 @@ bool float_dtype(at::ScalarType t) {
 // No ATen op is called on the way (each costs a dispatch, ~0.5 µs, at decode sizes a few
 // percent of the layer): activations are widened into a per-thread buffer, the raw block
 // outputs live there too, and the one allocation is the output.
-at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const at::Tensor& offsets,
-                       const at::Tensor& scales, const at::Tensor& hi_rows,
-                       const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& val,
+// The parts of kernels/cpu_hptq.py's pack_layout buffer: an int64 header (magic, blocks,
+// K, groups, hi rows, entries, scales, out_features), then blocks, offsets, scales, hi rows,
+// rows, cols, val, each at a multiple of 64 bytes.
+struct Layout {
+  int64_t nb, K, G, H, E, ns, N;
+  const uint8_t* blocks;
+  const int16_t* offsets;
+  const float* scales;
+  const int32_t* hi_rows;
+  const int32_t* rows;
+  const int32_t* cols;
+  const float* val;
+};
+
+constexpr int64_t kMagic = 0x4250545148;
+constexpr int64_t kAlign = 64;
+
+Layout parse_layout(const at::Tensor& buffer) {
+  TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.dim() == 1 && buffer.is_contiguous() &&
+                  buffer.numel() >= 64,
+              "hptq_linear: the layout must be a contiguous uint8 buffer (cpu_hptq.pack_layout)");
+  const uint8_t* base = buffer.const_data_ptr<uint8_t>();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(base) % kAlign == 0,
+              "hptq_linear: the layout buffer must start 64-byte aligned (do not slice it)");
+  const int64_t* h = reinterpret_cast<const int64_t*>(base);
+  TORCH_CHECK(h[0] == kMagic, "hptq_linear: not an HPTQ CPU layout (wrong magic): rebuild it");
+  Layout l{h[1], h[2], h[3], h[4], h[5], h[6], h[7]};
+  TORCH_CHECK(l.nb > 0 && l.K > 0 && l.G > 0 && l.K % l.G == 0 && l.H >= 0 && l.E >= 0 &&
+                  (l.ns == 1 || l.ns == l.N) && l.N > 0 && l.N + l.H <= l.nb * kRows,
+              "hptq_linear: the layout header is inconsistent: rebuild the layout");
+  int64_t at = 8 * 8;
+  auto take = [&](int64_t bytes) {
+    at += (kAlign - at % kAlign) % kAlign;
+    const uint8_t* p = base + at;
+    at += bytes;
+    return p;
+  };
+  l.blocks = take(l.nb * l.K * kBytes);
+  l.offsets = reinterpret_cast<const int16_t*>(take(l.nb * l.G * kRows * 2));
+  l.scales = reinterpret_cast<const float*>(take(l.ns * 4));
+  l.hi_rows = reinterpret_cast<const int32_t*>(take(l.H * 4));
+  l.rows = reinterpret_cast<const int32_t*>(take(l.E * 4));
+  l.cols = reinterpret_cast<const int32_t*>(take(l.E * 4));
+  l.val = reinterpret_cast<const float*>(take(l.E * 4));
+  TORCH_CHECK(at <= buffer.numel(), "hptq_linear: the layout buffer is truncated: rebuild it");
+  return l;
+}
+
+// No ATen op is called on the way (each costs a dispatch, ~0.5 µs, at decode sizes a few
+// percent of the layer): activations are widened into a per-thread buffer, the raw block
+// outputs live there too, and the one allocation is the output.
+at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& layout,
                        const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  const int64_t nb = blocks.size(0), K = blocks.size(1), G = offsets.size(1);
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 3 && blocks.size(2) == kBytes &&
-                  blocks.is_contiguous() && offsets.is_contiguous(),
-              "hptq_linear: blocks must be contiguous uint8 [row blocks, K, 16]");
-  TORCH_CHECK(offsets.scalar_type() == at::kShort && offsets.size(0) == nb &&
-                  offsets.size(2) == kRows && K % G == 0,
-              "hptq_linear: offsets must be int16 [row blocks, groups, 32] with groups | K");
+  const Layout l = parse_layout(layout);
+  const int64_t nb = l.nb, K = l.K, G = l.G, H = l.H, N = l.N, E = l.E;
+  TORCH_CHECK(out_features == N, "hptq_linear: out_features ", out_features, " but the layout has ", N);
   TORCH_CHECK(x_in.size(-1) == K, "hptq_linear: x has ", x_in.size(-1), " features, the weight ", K);
   TORCH_CHECK(float_dtype(x_in.scalar_type()), "hptq_linear: x must be fp32, bf16 or fp16");
-  const int64_t H = hi_rows.numel(), N = out_features, E = val.numel();
-  TORCH_CHECK(N + H <= nb * kRows, "hptq_linear: out_features + hi rows exceed the blocks");
-  for (const at::Tensor* t : {&hi_rows, &rows, &cols})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
-                "hptq_linear: hi_rows, rows and cols must be contiguous int32");
-  TORCH_CHECK(rows.numel() == E && cols.numel() == E, "hptq_linear: rows, cols, val differ in length");
-  TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat && scales.is_contiguous(),
-              "hptq_linear: val and scales must be contiguous fp32");
-  TORCH_CHECK(scales.numel() == 1 || scales.numel() == N, "hptq_linear: scales must be [1] or [N]");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && float_dtype(bias->scalar_type()),
@@ -169,8 +204,8 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const a
     case at::kHalf: widen(x.const_data_ptr<c10::Half>(), M, K, group, xp, xsp); break;
     default: widen(x.const_data_ptr<float>(), M, K, group, xp, xsp);
   }
-  const uint8_t* wp = blocks.const_data_ptr<uint8_t>();
-  const int16_t* op = offsets.const_data_ptr<int16_t>();
+  const uint8_t* wp = l.blocks;
+  const int16_t* op = l.offsets;
   // whole blocks per thread; a layer too small to pay for waking a thread runs inline
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (kRows * K * M));
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
@@ -191,12 +226,12 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const a
     }
   });
   // epilogue: hi rows and sparse entries into their rows, then s_n·y + b_n in x's dtype
-  const int32_t* hp = hi_rows.const_data_ptr<int32_t>();
-  const int32_t* rr = rows.const_data_ptr<int32_t>();
-  const int32_t* cc = cols.const_data_ptr<int32_t>();
-  const float* vp = val.const_data_ptr<float>();
-  const float* sp = scales.const_data_ptr<float>();
-  const int64_t ns = scales.numel();
+  const int32_t* hp = l.hi_rows;
+  const int32_t* rr = l.rows;
+  const int32_t* cc = l.cols;
+  const float* vp = l.val;
+  const float* sp = l.scales;
+  const int64_t ns = l.ns;
   float* bp = nullptr;  // the bias as fp32 (after x, S_g and raw in the buffer)
   if (has_bias) {
     thread_local std::vector<float> bias_buffer;
@@ -229,8 +264,7 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& blocks, const a
 }  // namespace
 
 TORCH_LIBRARY(babai_cpu, m) {
-  m.def("hptq_linear(Tensor x, Tensor blocks, Tensor offsets, Tensor scales, Tensor hi_rows, "
-        "Tensor rows, Tensor cols, Tensor val, Tensor? bias, int out_features) -> Tensor");
+  m.def("hptq_linear(Tensor x, Tensor layout, Tensor? bias, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(babai_cpu, CPU, m) { m.impl("hptq_linear", &hptq_linear); }
