@@ -1,7 +1,8 @@
 """Compiled CPU decode speed: float (fp32, bf16), torchao's CPU int4, babai-ao 4-bit (the
 default path on an fp32 model and on a bf16 model, ``prepare_cpu``, the exact path) and
-HPTQ 3.3 bits (the default path on an fp32 model — int4pack on each group's 16-code window
-plus a sparse correction, ``kernels/cpu_hptq.py`` — and ``prepare_cpu`` on a bf16 model),
+HPTQ 3.3 bits (the default path on an fp32 model — each group's 16-code window as nibbles
+plus a sparse correction in one C++ op, ``kernels/cpu_hptq.py`` — and ``prepare_cpu`` on a
+bf16 model),
 side by side in one process, with the memory bandwidth each row reaches. The "default"
 rows are what a user gets with no extra call: ``quantize_`` then ``torch.compile``.
 
@@ -128,7 +129,7 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
         def build():
             m = quantized("hptq3.3", dtype, babai_config(clip="hptq", target_bits=3.3))
             if prepare:
-                prepare_cpu(m)  # int4pack + sparse where it pays, else 8-bit rows
+                prepare_cpu(m)  # nibbles + sparse where it pays, else 8-bit rows
             return m
         return build
 
@@ -149,7 +150,7 @@ def variant_builders(args) -> dict[str, tuple[Callable[[], nn.Module], str]]:
         f"babai 4-bit g{gs}, bf16 model, prepare_cpu": (babai(torch.bfloat16, True), "auto"),
     }
     if not args.no_hptq:
-        out["babai HPTQ 3.3 bits, fp32 model, default (int4pack + sparse, bf16 act)"] = (
+        out["babai HPTQ 3.3 bits, fp32 model, default (C++ nibbles + sparse, fp32 act)"] = (
             hptq(torch.float32), "auto")
         out["babai HPTQ 3.3 bits, bf16 model, prepare_cpu"] = (hptq(torch.bfloat16, True),
                                                                "auto")
