@@ -329,6 +329,35 @@ def test_quantize_allocate_spreads_the_budget(capsys, tmp_path):
 
 
 @pytest.mark.model
+def test_quantize_tune_lr_reaches_the_optimizer(capsys, tmp_path, monkeypatch):
+    """``--tune STEPS --tune-lr LR``: every block is tuned with that learning rate (seen by
+    ``tune_block``) and the run record keeps it; ``--tune-lr`` alone or not positive is
+    refused in one line."""
+    from babai_ao.calibration import sequential
+
+    seen = []
+    real = sequential.tune_block
+
+    def spy(block, reference, inputs, hessians, damp, settings):
+        seen.append(settings)
+        return real(block, reference, inputs, hessians, damp, settings)
+
+    monkeypatch.setattr(sequential, "tune_block", spy)
+    out = tmp_path / "tuned"
+    code, _, err = run_cli(capsys, "quantize", "smollm2", "--num-layers", "1", "--tune", "2",
+                           "--tune-lr", "0.004", *SMALL_CALIB, "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert [(t.steps, t.lr) for t in seen] == [(2, 0.004)]
+    record = json.loads((out / RUN_FILE).read_text())
+    assert (record["tune_steps"], record["tune_lr"]) == (2, 0.004)
+    for extra, message in ((("--tune-lr", "0.01"), "nothing to set without --tune"),
+                           (("--tune", "2", "--tune-lr", "-1"), "positive finite")):
+        code, _, err = run_cli(capsys, "quantize", "smollm2", *extra, "--out",
+                               str(tmp_path / "x"))
+        assert_one_line_error(code, err, message)
+
+
+@pytest.mark.model
 def test_quantize_hptq_sequential_from_the_command_line(capsys, tmp_path):
     """The README's best format with sequential calibration, from the CLI (was refused);
     ``--no-allocate``: every layer's own rate search at the budget, no allocation pass."""

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tune", type=int, default=0, metavar="STEPS",
                    help="block tuning after the codes are fixed: Adam steps per block on "
                         "scales and norms towards the float block (codes, bits unchanged; 0: off)")
+    q.add_argument("--tune-lr", type=float, default=None, metavar="LR",
+                   help="Adam learning rate of --tune (default 1e-3; the P1 rows in "
+                        "BENCHMARKS.md used 2e-3)")
     q.add_argument("--mode", choices=QUANT_MODES, default="sequential",
                    help="sequential (block by block), observe (float Hessians), rtn")
     q.add_argument("--allocate", action=argparse.BooleanOptionalAction, default=None,

@@ -49,6 +49,12 @@ def _quantize(args: argparse.Namespace) -> None:
     if getattr(args, "tune", 0) and args.mode == "rtn":
         raise BabaiError("--tune needs calibration data: use --mode sequential or observe "
                          "(or drop --tune)")
+    lr = getattr(args, "tune_lr", None)
+    if lr is not None and not getattr(args, "tune", 0):
+        raise BabaiError(f"--tune-lr {lr} has nothing to set without --tune STEPS: add --tune "
+                         "or drop --tune-lr")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise BabaiError(f"--tune-lr must be a positive finite learning rate, got {lr}")
     if getattr(args, "hessian_tiles", None) is not None and args.mode == "rtn":
         raise BabaiError("--hessian-tiles / --no-hessian-tiles apply to calibration (--mode "
                          "sequential or observe): --mode rtn forms no Hessian; drop the flag")

@@ -78,6 +78,11 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         from babai_ao.calibration.tuning import TuneSettings
 
         steps = getattr(args, "tune", 0)
+        tune = None
+        if steps:
+            lr = getattr(args, "tune_lr", None)
+            tune = TuneSettings(steps=steps) if lr is None else TuneSettings(steps=steps, lr=lr)
+            record["tune_lr"] = tune.lr
         tiles = getattr(args, "hessian_tiles", None) is not False  # on unless refused
         record["tune_steps"] = steps
         record["hessian_tiles"] = tiles
@@ -90,7 +95,7 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
             record["allocation"] = bits.summary()
         report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
                                 batch_size=CALIB_BATCH, stream=stream,
-                                tune=TuneSettings(steps=steps) if steps else None,
+                                tune=tune,
                                 hessian_tiles=tiles)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
