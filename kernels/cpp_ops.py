@@ -1,6 +1,7 @@
 """babai-ao's C++ CPU ops (``csrc/``), built on first use and registered as ``babai_cpu::``.
 
-``torch.utils.cpp_extension.load`` compiles ``csrc/*.cpp`` once per machine (≈ 20 s; cached
+``torch.utils.cpp_extension.load`` compiles ``csrc/*.cpp`` once per machine (≈ 20 s with g++
+and the ``ninja`` wheel, a dependency; cached
 under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, rebuilt when the source
 changes) with ``-O3 -march=native`` (the build runs where the op runs; AVX-512 code where the
 CPU has it, a portable loop elsewhere) and OpenMP (``at::parallel_for`` over torch's threads).
@@ -45,6 +46,7 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        _ninja_on_path()
         cpp_extension.load(NAME, [str(p) for p in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
@@ -56,6 +58,18 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _ninja_on_path() -> None:
+    """The ``ninja`` wheel's binary on ``PATH`` (a venv's ``bin`` is not there unless the venv
+    is activated; torch's build calls ``ninja`` by name)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
 def _register_fakes() -> None:
