@@ -41,7 +41,7 @@ def load() -> bool:
 def _build() -> bool:
     if os.environ.get("BABAI_CPU_CPP", "1") == "0":
         return False
-    if hasattr(torch.ops.babai_cpu, "hptq_linear"):  # loaded by another copy of this module
+    if _registered():  # loaded by another copy of this module
         return True
     try:
         from torch.utils import cpp_extension
@@ -58,6 +58,10 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops.babai_cpu, "hptq_linear")
 
 
 def _ninja_on_path() -> None:

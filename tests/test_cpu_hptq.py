@@ -299,3 +299,30 @@ def test_layout_built_in_row_chunks_equals_one_pass(monkeypatch, heavy):
     assert len(whole) == len(chunked) == 1
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
+
+
+def test_no_compiler_warns_once_and_keeps_the_int8_path(monkeypatch):
+    """Where the C++ op cannot be built (here: the build raises, as without g++), ``load`` is
+    ``False`` with one warning naming the fix, layouts are declined (``prepare_cpu`` then
+    keeps the int8 path), and ``BABAI_CPU_CPP=0`` turns the op off silently."""
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'babai_cpu_ops': g++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpp_ops, "_registered", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(cpp_ops, "_state", {})
+    with pytest.warns(UserWarning, match="could not be built .*g\\+\\+: not found.*install a C"):
+        assert cpp_ops.load() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpp_ops.load() is False  # decided once: no second warning
+        assert cpu_hptq.build_layout(_codes(32, 128, seed=1), torch.tensor([0.1])) is None
+    monkeypatch.setattr(cpp_ops, "_state", {})
+    monkeypatch.setenv("BABAI_CPU_CPP", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpp_ops.load() is False

@@ -214,7 +214,7 @@ def test_prepare_cpu_swaps_eligible_4bit_layers_and_matches():
 def test_prepare_cpu_runs_hptq_layers_on_the_int8_kernel(monkeypatch):
     """HPTQ weights (stored Huffman form) → decoded → Int8PackLinear: ``x @ (s·(q − 128))ᵀ``
     with int8 ``q − 128``; matches the dequantized float weight at bf16 precision (the int8
-    fallback, with the int4pack + sparse form of ``cpu_hptq`` turned off)."""
+    fallback, with the nibble + sparse form of ``cpu_hptq`` turned off)."""
     from babai_ao.kernels import cpu_hptq
     from babai_ao.kernels.cpu_int8 import Int8PackLinear
 

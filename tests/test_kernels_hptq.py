@@ -116,7 +116,7 @@ def test_hptq_linear_op_on_a_real_hptq_weight():
 def test_compiled_smollm2_keeps_hptq_weights_entropy_coded(smollm2_small):
     """torch.compile(fullgraph) of SmolLM2 blocks whose linears are HPTQ streams: the graph
     calls babai::hptq_linear (the weight is never decoded into the graph), output = eager.
-    Under ``cpu_kernel("exact")``: the CPU default path is int4pack + sparse instead
+    Under ``cpu_kernel("exact")``: the CPU default path is nibbles + sparse instead
     (``test_cpu_hptq_default``)."""
     import copy
 

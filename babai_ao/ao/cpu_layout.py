@@ -1,7 +1,7 @@
 """A quantized tensor's CPU kernel layout, kept on the tensor as a cache (never saved).
 
 The fast CPU paths of ``F.linear`` (``babai_ao.kernels.cpu_int4``: int4pack;
-``babai_ao.kernels.cpu_hptq``: int4pack + sparse correction) read a layout derived from the
+``babai_ao.kernels.cpu_hptq``: window nibbles + sparse correction) read a layout derived from the
 stored tensors. :class:`CPULayoutCache` keeps it on the weight itself, under the names in
 ``cpu_layout_names``: built once — on the first eager call, or when ``torch.compile`` first
 flattens the real tensor (``__tensor_flatten__`` under compile), so a model compiled with no
