@@ -194,7 +194,16 @@ def pack_layout(blocks: torch.Tensor, offsets: torch.Tensor, scales: torch.Tenso
                 val: torch.Tensor, out_features: int) -> torch.Tensor:
     """One uint8 tensor holding the whole layout (header, then ``PARTS`` in that order and
     dtype, each starting at a multiple of ``ALIGN`` bytes): one buffer per layer keeps what a
-    compiled graph guards and the op parses to a minimum (the kernel reads it in place)."""
+    compiled graph guards and the op parses to a minimum (the kernel reads it in place and
+    trusts the row and column indices, checked here)."""
+    n, k = out_features, blocks.shape[1]
+    inside = all(bool(((t >= 0) & (t < bound)).all()) for t, bound in (
+        (hi_rows, n), (rows, n), (cols, k)))
+    if not inside or blocks.shape[0] * ROW_BLOCK < n + hi_rows.numel():
+        from babai_ao.errors import BabaiError
+
+        raise BabaiError("HPTQ CPU layout: a row or column index is out of range (the "
+                         "kernel trusts them): build the layout with build_layout")
     head = {"magic": MAGIC, "row_blocks": blocks.shape[0], "in_features": blocks.shape[1],
             "groups": offsets.shape[1], "hi_count": hi_rows.numel(), "entries": val.numel(),
             "scale_count": scales.numel(), "out_features": out_features}

@@ -20,6 +20,7 @@ from babai_ao.kernels.cpu_hptq import (
 )
 
 from babai_ao.ao.hptq_tensor import HuffmanQuantizedTensor, decode_model, prepare_hptq_cpu
+from babai_ao.errors import BabaiError
 from babai_ao.formats import hptq
 
 BF16 = torch.bfloat16
@@ -144,14 +145,18 @@ def test_output_is_exact_math_rounded_once(m, dtype, heavy):
 
 def test_op_schema_and_fake_kernel():
     """``torch.library.opcheck``: the C++ op's schema, fake kernel (shapes for compile) and
-    dispatch agree, for fp32 and bf16 activations of rank 2 and 3; a wrong buffer or width
-    is refused in one line."""
+    dispatch agree, for fp32 and bf16 activations of rank 2 and 3; empty batches and
+    non-contiguous activations work; a wrong buffer or width is refused in one line."""
     codes = _codes(64, 128, seed=4, far=0.02)
     layer = cpu_hptq.prepare_hptq_cpu(codes, torch.rand(64) + 0.5, torch.randn(64),
                                       max_sparse_fraction=1.0, heavy=16)
     for x in (torch.randn(3, 128), torch.randn(2, 5, 128).to(BF16)):
         torch.library.opcheck(torch.ops.babai_cpu.hptq_linear.default,
                               (x, layer.layout, layer.bias, layer.out_features))
+    assert layer(torch.randn(0, 128)).shape == (0, 64)  # an empty batch
+    assert layer(torch.randn(2, 0, 128).to(BF16)).shape == (2, 0, 64)
+    xt = torch.randn(128, 5).t()  # not contiguous
+    torch.testing.assert_close(layer(xt), layer(xt.contiguous()), rtol=0, atol=0)
     x = torch.randn(2, 128)
     with pytest.raises(RuntimeError, match="wrong magic"):
         cpu_hptq.linear(x, torch.zeros_like(layer.layout), None, 64)
@@ -161,6 +166,10 @@ def test_op_schema_and_fake_kernel():
         cpu_hptq.linear(torch.randn(2, 96), layer.layout, None, 64)
     with pytest.raises(RuntimeError, match="out_features 32"):
         cpu_hptq.linear(x, layer.layout, None, 32)
+    p = layer.parts
+    with pytest.raises(BabaiError, match="out of range"):
+        cpu_hptq.pack_layout(p["blocks"], p["offsets"], p["scales"], p["hi_rows"],
+                             p["rows"] + 64, p["cols"], p["val"], 64)
 
 
 def test_heavy_rows_get_hi_rows_and_stay_exact():

@@ -193,6 +193,9 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& layout,
   const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
   const at::ScalarType xt = x.scalar_type();
   const int64_t M = x.numel() / K, group = K / G, ld = nb * kRows;
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  if (M == 0) return at::empty(shape, x.options());
 
   thread_local std::vector<float> buffer;  // [M, K] x, [M, G] S_g, [M, ld] raw
   buffer.resize(M * (K + G + ld));
@@ -242,8 +245,6 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& layout,
     else if (bt == at::kHalf) widen(bias->const_data_ptr<c10::Half>(), 1, N, N, bp, nullptr);
     else widen(bias->const_data_ptr<float>(), 1, N, N, bp, nullptr);
   }
-  auto shape = x.sizes().vec();
-  shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
