@@ -15,6 +15,7 @@ callers keep their aten forms (``kernels.cpu_hptq``: the int8 path).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ def _build() -> bool:
         from torch.utils import cpp_extension
 
         _ninja_on_path()
+        _note_first_build(cpp_extension)
         cpp_extension.load(NAME, [str(p) for p in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
@@ -58,6 +60,18 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _note_first_build(cpp_extension) -> None:
+    """One line on stderr when nothing is built yet on this machine (the first HPTQ forward
+    on CPU then pauses ≈ 20 s)."""
+    try:
+        built = Path(cpp_extension._get_build_directory(NAME, False)) / f"{NAME}.so"
+    except Exception:  # a private helper of torch: never fail the build over the note
+        return
+    if not built.exists():
+        print(f"babai-ao: building the C++ CPU kernel for HPTQ layers (once per machine, "
+              f"≈ 20 s) into {built.parent}", file=sys.stderr, flush=True)
 
 
 def _registered() -> bool:
