@@ -17,8 +17,7 @@ fp32 FMA per weight on the nibble itself and the offsets cost one FMA per group.
 The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
 layer holds 2–390 of them while most hold 0–3). The ``H`` rows holding the most
 (``heavy_rows``: ``H`` minimizing the kernel's time on the blocks plus ``ENTRY_COST`` weights
-per entry left)
-get a second nibble row each, after the ``N`` window rows: there ``C − o = lo + 16·r`` with
+per entry left) get a second nibble row each, after the ``N`` window rows: there ``C − o = lo + 16·r`` with
 ``lo, r ∈ [−8, 7]``, the window row holds ``lo`` and the hi row ``r`` (offset 0, read ×16;
 ``split_heavy``), so the two rows sum to the codes exactly. What is left of ``Δ`` is kept as
 entries (int32 rows and columns, fp32 values, exact for |Δ| < 2²⁴). The layer computes, all
@@ -31,7 +30,8 @@ blocks of 32 (``pack_blocks``: per block and column 16 bytes, row ``j`` in the l
 row ``16 + j`` in the high one), spreads the blocks over torch's threads, keeps up to 4
 activation rows per pass over a block's weights, and adds the hi rows, the entries, ``s_n``
 and ``b`` after the blocks — one call per layer, which a compiled graph makes directly (the
-op has a fake kernel). Its only roundings are fp32 sums: against the dequantized weight in
+op has a fake kernel). The whole layout is one aligned uint8 buffer (``pack_layout``: an
+int64 header, then the parts), so a compiled graph guards one tensor per layer. Its only roundings are fp32 sums: against the dequantized weight in
 fp64, ``|y − y*| ≤ c·ε·Σ_k |x_k|·(|q_k| + |o − 8|)·|s_n|`` (tests).
 
 ``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
