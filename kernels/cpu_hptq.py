@@ -17,9 +17,9 @@ fp32 FMA per weight on the nibble itself and the offsets cost one FMA per group.
 The off-window codes crowd into few rows (on SmolLM2-135M at 3.3 bits the longest row of a
 layer holds 2–390 of them while most hold 0–3). The ``H`` rows holding the most
 (``heavy_rows``: ``H`` minimizing the kernel's time on the blocks plus ``ENTRY_COST`` weights
-per entry left) get a second nibble row each, after the ``N`` window rows: there ``C − o = lo + 16·r`` with
-``lo, r ∈ [−8, 7]``, the window row holds ``lo`` and the hi row ``r`` (offset 0, read ×16;
-``split_heavy``), so the two rows sum to the codes exactly. What is left of ``Δ`` is kept as
+per entry left) get a second nibble row each, after the ``N`` window rows: there
+``C − o = lo + 16·r`` with ``lo, r ∈ [−8, 7]``, the window row holds ``lo`` and the hi row
+``r`` (offset 0, read ×16; ``split_heavy``), so the two rows sum to the codes exactly. What is left of ``Δ`` is kept as
 entries (int32 rows and columns, fp32 values, exact for |Δ| < 2²⁴). The layer computes, all
 in fp32 (``x`` is not rounded),
 
@@ -31,15 +31,16 @@ row ``16 + j`` in the high one), spreads the blocks over torch's threads, keeps 
 activation rows per pass over a block's weights, and adds the hi rows, the entries, ``s_n``
 and ``b`` after the blocks — one call per layer, which a compiled graph makes directly (the
 op has a fake kernel). The whole layout is one aligned uint8 buffer (``pack_layout``: an
-int64 header, then the parts), so a compiled graph guards one tensor per layer. Its only roundings are fp32 sums: against the dequantized weight in
-fp64, ``|y − y*| ≤ c·ε·Σ_k |x_k|·(|q_k| + |o − 8|)·|s_n|`` (tests).
+int64 header, then the parts), so a compiled graph guards one tensor per layer. Its only
+roundings are fp32 sums: against the dequantized weight in fp64,
+``|y − y*| ≤ c·ε·Σ_k |x_k|·(|q_k| + |o − 8|)·|s_n|`` (tests).
 
 ``build_layout(codes, scales)`` builds the layout and :func:`linear` computes with it:
 an HPTQ weight (``HuffmanQuantizedTensor``) keeps that layout on itself and its ``F.linear``
 on CPU runs it by default (``babai_ao.ao.hptq_tensor``; ``cpu_kernel("exact")`` turns it
 off). ``prepare_hptq_cpu(codes, scales, bias)`` builds the layer and returns ``None`` where the
 layout does not pay (more than ``MAX_SPARSE_FRACTION`` of the weights off their windows) or
-cannot be built (``N % 16 ≠ 0``, no group size dividing ``K``, the C++ op not built:
+cannot be built (no group size dividing ``K``, the C++ op not built:
 ``kernels.cpp_ops``); ``prepare_cpu`` then keeps the int8 path. The prepared module holds only
 the kernel's layout: save the model before preparing. ``BABAI_CPU_HPTQ_INT4=0`` turns this
 form off (HPTQ layers then take the int8 path).
@@ -270,14 +271,15 @@ def build_layout(codes: torch.Tensor, scales: torch.Tensor,
     """``(layout,)`` (:func:`pack_layout` of blocks, offsets, scales, hi rows and the sparse
     entries) for ``W = s_n · C`` (integer
     ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
-    (``N % 16 ≠ 0``, no group size dividing ``K``, the C++ op unavailable) or more than
+    (no group size dividing ``K``, the C++ op unavailable; any ``N``: rows are padded to
+    whole blocks) or more than
     ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights are off their
     windows (then the int8 path is faster), or the form is turned off (``ENABLED``). The
     ``heavy`` overrides :func:`heavy_rows` (how
     many rows get a hi row). Entries are in row order (rows ascending, then columns)."""
     n, k = codes.shape
     group = group_size_for(k)
-    if not ENABLED or group is None or n % 16 or not cpp_ops.load():
+    if not ENABLED or group is None or not cpp_ops.load():
         return None
     if max_sparse_fraction is None:
         max_sparse_fraction = MAX_SPARSE_FRACTION

@@ -69,11 +69,18 @@ def test_exact_mode_is_bit_exact_and_builds_nothing(shape, bias):
 
 
 def test_where_the_form_does_not_fit_the_reference_runs(monkeypatch):
-    x = torch.randn(2, 192)
-    odd = _weight(n=40, seed=2)  # N % 16 ≠ 0
+    odd = _weight(n=40, k=200, seed=2)  # no window group (32..256) divides K = 200
     assert not odd.cpu_layout_eligible()
+    x = torch.randn(2, 200)
     ref = torch.nn.functional.linear(x, odd.dequantize(torch.float32))
     assert torch.equal(torch.nn.functional.linear(x, odd), ref)
+    x = torch.randn(2, 192)
+    rows40 = _weight(n=40, seed=2)  # N = 40: rows padded to whole blocks, the form applies
+    assert rows40.cpu_layout_eligible()
+    out = torch.nn.functional.linear(x, rows40)
+    assert rows40.cpu_hptq_layout is not None
+    exact = torch.nn.functional.linear(x, rows40.dequantize(torch.float32))
+    assert float((out - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
     monkeypatch.setattr(cpu_hptq, "ENABLED", False)  # declined at build: tried once
     t = _weight(seed=3)
     assert torch.equal(torch.nn.functional.linear(x, t),
