@@ -50,7 +50,7 @@ def test_default_path_is_the_nibble_sparse_form(shape, bias):
     assert out.dtype == torch.float32 and out.shape == (*shape[:-1], 64)
     exact = torch.nn.functional.linear(x, t.dequantize(torch.float32), b)
     err = float((out - exact).abs().max())  # fp32 sums in another order: no bf16 rounding
-    assert err <= 1e-5 * float(exact.abs().max())
+    assert err <= 1e-4 * float(exact.abs().max())
     layer = prepare_hptq_cpu(t, b)  # the module form: the same arithmetic
     assert torch.equal(out, layer(x))
 
@@ -80,7 +80,7 @@ def test_where_the_form_does_not_fit_the_reference_runs(monkeypatch):
     out = torch.nn.functional.linear(x, rows40)
     assert rows40.cpu_hptq_layout is not None
     exact = torch.nn.functional.linear(x, rows40.dequantize(torch.float32))
-    assert float((out - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    assert float((out - exact).abs().max()) <= 1e-4 * float(exact.abs().max())  # fp32 sums
     monkeypatch.setattr(cpu_hptq, "ENABLED", False)  # declined at build: tried once
     t = _weight(seed=3)
     assert torch.equal(torch.nn.functional.linear(x, t),
