@@ -125,9 +125,6 @@ bool float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-// No ATen op is called on the way (each costs a dispatch, ~0.5 µs, at decode sizes a few
-// percent of the layer): activations are widened into a per-thread buffer, the raw block
-// outputs live there too, and the one allocation is the output.
 // The parts of kernels/cpu_hptq.py's pack_layout buffer: an int64 header (magic, blocks,
 // K, groups, hi rows, entries, scales, out_features), then blocks, offsets, scales, hi rows,
 // rows, cols, val, each at a multiple of 64 bytes.
