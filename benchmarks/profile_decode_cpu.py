@@ -18,6 +18,14 @@ from pathlib import Path
 import torch
 
 
+def decode(step, tokens: int) -> None:
+    """Greedy decoding of ``tokens`` tokens through a compiled static-cache step."""
+    tok = 1
+    for pos in range(tokens):
+        logits = step(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
+        tok = int(logits[0, -1].argmax())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", required=True, help="kernels_cpu.py's --cache directory")
@@ -28,8 +36,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8, help="ops listed per variant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from babai_ao import prepare_cpu
     from babai_ao.export.llm import static_cache_module
+
+    from babai_ao import prepare_cpu
 
     for name in args.variants.split(","):
         model = torch.load(Path(args.cache) / f"smollm2-30-{name}-bfloat16.pt",
@@ -38,20 +47,13 @@ def main() -> None:
             prepare_cpu(model)
             step = torch.compile(static_cache_module(model, args.tokens))
 
-            def decode() -> None:
-                tok = 1
-                for pos in range(args.tokens):
-                    logits = step(input_ids=torch.tensor([[tok]]),
-                                  cache_position=torch.tensor([pos]))
-                    tok = int(logits[0, -1].argmax())
-
-            decode()
-            decode()  # compiled and warm
+            decode(step, args.tokens)
+            decode(step, args.tokens)  # compiled and warm
             t = time.perf_counter()
-            decode()
+            decode(step, args.tokens)
             ms = (time.perf_counter() - t) / args.tokens * 1e3
             with torch.profiler.profile() as prof:
-                decode()
+                decode(step, args.tokens)
         print(f"\n{name}: {ms:.2f} ms/token")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
