@@ -1,15 +1,15 @@
 """babai-ao's C++ CPU ops (``csrc/``), built on first use and registered as ``babai_cpu::``.
 
 ``torch.utils.cpp_extension.load`` compiles ``csrc/*.cpp`` once per machine (≈ 20 s with g++
-and the ``ninja`` wheel, a dependency; cached
-under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, rebuilt when the source
-changes) with ``-O3 -march=native`` (the build runs where the op runs; AVX-512 code where the
+and the ``ninja`` wheel, a dependency; cached under ``TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``, rebuilt when the source changes) with ``-O3 -march=native`` (the build runs where the op runs; AVX-512 code where the
 CPU has it, a portable loop elsewhere) and OpenMP (``at::parallel_for`` over torch's threads).
 Each op has a fake kernel (shapes only), so ``torch.compile`` puts it in its graph as one call.
 
-:func:`load` returns whether the ops are there. Where they cannot be built (no C++ compiler,
-``BABAI_CPU_CPP=0``) it returns ``False`` once with a one-line warning saying so, and the
-callers keep their aten forms (``kernels.cpu_hptq``: the int8 path).
+:func:`load` returns whether the ops are there. Where they cannot be built (no C++ compiler)
+it returns ``False`` with one warning naming the fix, decided once per process, and the
+callers keep their aten forms (``kernels.cpu_hptq``: the int8 path); ``BABAI_CPU_CPP=0``
+turns the ops off without a warning.
 """
 
 from __future__ import annotations
