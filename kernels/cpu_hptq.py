@@ -268,15 +268,13 @@ class Int4SparseLinear(nn.Module):
 def build_layout(codes: torch.Tensor, scales: torch.Tensor,
                  max_sparse_fraction: float | None = None,
                  heavy: int | None = None) -> tuple[torch.Tensor] | None:
-    """``(layout,)`` (:func:`pack_layout` of blocks, offsets, scales, hi rows and the sparse
-    entries) for ``W = s_n · C`` (integer
-    ``codes`` C [N, K], ``scales`` [1] or [N]), or ``None`` when it cannot be built
-    (no group size dividing ``K``, the C++ op unavailable; any ``N``: rows are padded to
-    whole blocks) or more than
-    ``max_sparse_fraction`` (default ``MAX_SPARSE_FRACTION``) of the weights are off their
-    windows (then the int8 path is faster), or the form is turned off (``ENABLED``). The
-    ``heavy`` overrides :func:`heavy_rows` (how
-    many rows get a hi row). Entries are in row order (rows ascending, then columns)."""
+    """``(layout,)`` — :func:`pack_layout` of the blocks, offsets, scales, hi rows and sparse
+    entries (in row order) — for ``W = s_n · C`` (integer ``codes`` C [N, K], any ``N``: rows
+    are padded to whole blocks; ``scales`` [1] or [N]), or ``None`` where it cannot be built
+    (no group size dividing ``K``, the C++ op unavailable, the form turned off: ``ENABLED``)
+    or does not pay (more than ``max_sparse_fraction``, default ``MAX_SPARSE_FRACTION``, of
+    the weights off their windows: the int8 path is faster). ``heavy`` overrides
+    :func:`heavy_rows` (how many rows get a hi row)."""
     n, k = codes.shape
     group = group_size_for(k)
     if not ENABLED or group is None or not cpp_ops.load():

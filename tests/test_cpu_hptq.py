@@ -155,6 +155,11 @@ def test_op_schema_and_fake_kernel():
                               (x, layer.layout, layer.bias, layer.out_features))
     assert layer(torch.randn(0, 128)).shape == (0, 64)  # an empty batch
     assert layer(torch.randn(2, 0, 128).to(BF16)).shape == (2, 0, 64)
+    x = torch.randn(3, 128)
+    for dtype in (BF16, torch.float16):  # a bias in the model's dtype: widened, same result
+        b = layer.bias.to(dtype)
+        assert torch.equal(cpu_hptq.linear(x, layer.layout, b, 64),
+                           cpu_hptq.linear(x, layer.layout, b.float(), 64))
     xt = torch.randn(128, 5).t()  # not contiguous
     torch.testing.assert_close(layer(xt), layer(xt.contiguous()), rtol=0, atol=0)
     x = torch.randn(2, 128)

@@ -232,15 +232,18 @@ at::Tensor hptq_linear(const at::Tensor& x_in, const at::Tensor& layout,
   const float* vp = l.val;
   const float* sp = l.scales;
   const int64_t ns = l.ns;
-  float* bp = nullptr;  // the bias as fp32 (after x, S_g and raw in the buffer)
+  const float* bp = nullptr;  // the bias as fp32: read in place, widened only if bf16/fp16
   if (has_bias) {
-    thread_local std::vector<float> bias_buffer;
-    bias_buffer.resize(N);
-    bp = bias_buffer.data();
     const at::ScalarType bt = bias->scalar_type();
-    if (bt == at::kBFloat16) widen(bias->const_data_ptr<c10::BFloat16>(), 1, N, N, bp, nullptr);
-    else if (bt == at::kHalf) widen(bias->const_data_ptr<c10::Half>(), 1, N, N, bp, nullptr);
-    else widen(bias->const_data_ptr<float>(), 1, N, N, bp, nullptr);
+    if (bt == at::kFloat) {
+      bp = bias->const_data_ptr<float>();
+    } else {
+      thread_local std::vector<float> bias_buffer;
+      bias_buffer.resize(N);
+      if (bt == at::kBFloat16) widen(bias->const_data_ptr<c10::BFloat16>(), 1, N, N, bias_buffer.data(), nullptr);
+      else widen(bias->const_data_ptr<c10::Half>(), 1, N, N, bias_buffer.data(), nullptr);
+      bp = bias_buffer.data();
+    }
   }
   at::Tensor y = at::empty(shape, x.options());
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
