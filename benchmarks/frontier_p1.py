@@ -2,7 +2,10 @@
 bits), every lever on its own and combined — order, one-λ allocation, K-best search, block
 tuning — from the ``benchmarks/p1.py`` records in ``benchmarks/results/p1/``, with each row's
 wall time and the load it ran under (the 2-core box is shared: a time is comparable only
-to rows run at the same threads and load).
+to rows run at the same threads and load). Rows rerun one after another on a quiet box at 2
+threads (``benchmarks/results/p1_quiet/``) get their own tables: wall time as a multiple of
+the baseline's and the perplexity each extra minute of calibrate + quantize bought,
+``(PPL_baseline − PPL_row) / ((t_row − t_baseline) / 60 s)``.
 
     .venv/bin/python benchmarks/frontier_p1.py            # print the tables
     .venv/bin/python benchmarks/frontier_p1.py --write    # and replace them in BENCHMARKS.md
@@ -17,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 P1_RUNS = HERE / "results" / "p1"
+QUIET_RUNS = HERE / "results" / "p1_quiet"  # one after another, nothing else running
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
 BEGIN, END = "<!-- frontier_p1:begin -->", "<!-- frontier_p1:end -->"
 TARGETS = {2.3: 80.0, 3.3: 27.0, 4.3: 22.0}  # issue 21: PPL at most this at the budget
@@ -36,10 +40,10 @@ def levers(record: dict) -> list[str]:
     return out
 
 
-def rows() -> dict[float, list[dict]]:
-    """HPTQ records with sequential calibration, by target budget."""
+def rows(runs: Path = P1_RUNS) -> dict[float, list[dict]]:
+    """HPTQ records with sequential calibration in ``runs``, by target budget."""
     by_budget: dict[float, list[dict]] = {}
-    for path in sorted(P1_RUNS.glob("babai-hptq*.json")):
+    for path in sorted(runs.glob("babai-hptq*.json")):
         r = json.loads(path.read_text())
         if r.get("format") != "hptq" or r.get("mode") != "sequential":
             continue
@@ -56,7 +60,7 @@ def _load(r: dict) -> str:
 
 
 def table(budget: float, records: list[dict]) -> list[str]:
-    base = next((r for r in records if not levers(r)), None)
+    base = _baseline(records)
     records = sorted(records, key=lambda r: (len(levers(r)), r["ppl"]))
     lines = [f"**≈ {budget} bits** (target PPL ≤ {TARGETS.get(budget, float('nan')):g})", "",
              "| levers | stored bits | PPL (P1) | vs baseline | E ≤ B | calibrate + quantize "
@@ -66,10 +70,53 @@ def table(budget: float, records: list[dict]) -> list[str]:
         delta = "–" if base is None or r is base else f"{r['ppl'] - base['ppl']:+.3f}"
         checks = r["bound_checks"]
         lines.append(
-            f"| {' + '.join(levers(r)) or 'none (sequential HPTQ, act order)'} | "
+            f"| {_name(r, base)} | "
             f"{r['avg_bits_per_weight']:.3f} | {r['ppl']:.3f} | {delta} | "
             f"{checks['E_le_B']}/{checks['layers']} | {r['quant_seconds']:,.0f} s | "
             f"{r.get('solver_seconds') or 0:,.0f} s | {r['threads']} | {_load(r)} | "
+            f"{r['date'][:16]}, {r['git']} | `{r['name']}` |")
+    return lines + [""]
+
+
+def _threads(by_budget: dict[float, list[dict]]) -> str:
+    return "/".join(sorted({str(r["threads"]) for rs in by_budget.values() for r in rs}))
+
+
+def _baseline(records: list[dict]) -> dict | None:
+    """The row without levers (on the quiet box: the one with the default tiled Hessians)."""
+    plain = [r for r in records if not levers(r)]
+    return next((r for r in plain if r.get("hessian_tiles") is not False), plain[0] if plain else None)
+
+
+def _name(r: dict, base: dict | None) -> str:
+    if levers(r):
+        return " + ".join(levers(r))
+    if base is None or r is base:
+        return "none (sequential HPTQ, act order)"
+    return "none again, plain XᵀX Hessians (fp32 sums in another order: the run-to-run spread)"
+
+
+def quiet_table(budget: float, records: list[dict]) -> list[str]:
+    """Quiet-box rows of one budget: time against the baseline's, PPL bought per minute."""
+    base = _baseline(records)
+    records = sorted(records, key=lambda r: (len(levers(r)), r["ppl"]))
+    lines = [f"**≈ {budget} bits, quiet box**", "",
+             "| levers | stored bits | PPL (P1) | vs baseline | calibrate + quantize "
+             "| × baseline | PPL per extra minute | solver | load (1-min avg) | date, git | row |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        delta = ratio = per_minute = "–"
+        if base is not None and r is not base:
+            delta = f"{r['ppl'] - base['ppl']:+.3f}"
+            ratio = f"{r['quant_seconds'] / base['quant_seconds']:.2f}×"
+            extra = (r["quant_seconds"] - base["quant_seconds"]) / 60
+            if extra > 0:
+                per_minute = f"{(base['ppl'] - r['ppl']) / extra:+.3f}"
+        lines.append(
+            f"| {_name(r, base)} | "
+            f"{r['avg_bits_per_weight']:.3f} | {r['ppl']:.3f} | {delta} | "
+            f"{r['quant_seconds']:,.0f} s | {ratio} | {per_minute} | "
+            f"{r.get('solver_seconds') or 0:,.0f} s | {_load(r)} | "
             f"{r['date'][:16]}, {r['git']} | `{r['name']}` |")
     return lines + [""]
 
@@ -84,6 +131,14 @@ def report() -> str:
              ""]
     for budget in sorted(by_budget):
         lines += table(budget, by_budget[budget])
+    quiet = rows(QUIET_RUNS) if QUIET_RUNS.is_dir() else {}
+    if quiet:
+        lines += ["The same rows rerun one after another on a quiet box (nothing else running, "
+                  f"{_threads(quiet)} threads, from `benchmarks/results/p1_quiet/`): these times "
+                  "compare. *PPL per extra minute* = perplexity below the baseline per minute "
+                  "of calibrate + quantize above it.", ""]
+        for budget in sorted(quiet):
+            lines += quiet_table(budget, quiet[budget])
     return "\n".join(lines + [END])
 
 

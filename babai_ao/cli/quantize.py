@@ -86,17 +86,17 @@ def quantize_loaded(model: nn.Module, tokenizer: Any, args: argparse.Namespace, 
         tiles = getattr(args, "hessian_tiles", None) is not False  # on unless refused
         record["tune_steps"] = steps
         record["hessian_tiles"] = tiles
-        if getattr(args, "allocate", False):
-            from babai_ao.calibration.allocation import PerLayerTargets, allocate_layer_bits
+        options = {"mode": args.mode, "progress": progress, "batch_size": CALIB_BATCH,
+                   "stream": stream, "tune": tune, "hessian_tiles": tiles}
+        if getattr(args, "allocate", False):  # one λ: each layer's own target bits first
+            from babai_ao.calibration.allocation import quantize_model_allocated
 
-            bits = allocate_layer_bits(model, config, calib, batch_size=CALIB_BATCH,
-                                       fisher_windows=args.fisher_windows, progress=progress)
-            config = PerLayerTargets(config, bits.targets)  # each layer's own target bits
+            report, bits = quantize_model_allocated(model, config, calib,
+                                                    fisher_windows=args.fisher_windows,
+                                                    **options)
             record["allocation"] = bits.summary()
-        report = quantize_model(model, config, calib, mode=args.mode, progress=progress,
-                                batch_size=CALIB_BATCH, stream=stream,
-                                tune=tune,
-                                hessian_tiles=tiles)
+        else:
+            report = quantize_model(model, config, calib, **options)
         record["layers"] = runs.report_rows(report)
     record["quant_seconds"] = time.perf_counter() - t0
     record.update(runs.coverage_fields(model, record["layers"]))
