@@ -61,7 +61,7 @@ def _load(r: dict) -> str:
 
 def table(budget: float, records: list[dict]) -> list[str]:
     base = _baseline(records)
-    records = sorted(records, key=lambda r: (len(levers(r)), r["ppl"]))
+    records = sorted(records, key=lambda r: (r is not base, len(levers(r)), r["ppl"]))
     lines = [f"**≈ {budget} bits** (target PPL ≤ {TARGETS.get(budget, float('nan')):g})", "",
              "| levers | stored bits | PPL (P1) | vs baseline | E ≤ B | calibrate + quantize "
              "| solver | threads | load (1-min avg) | date, git | row |",
@@ -93,13 +93,13 @@ def _name(r: dict, base: dict | None) -> str:
         return " + ".join(levers(r))
     if base is None or r is base:
         return "none (sequential HPTQ, act order)"
-    return "none again, plain XᵀX Hessians (fp32 sums in another order: the run-to-run spread)"
+    return "none, plain (untiled) XᵀX Hessians"
 
 
 def quiet_table(budget: float, records: list[dict]) -> list[str]:
     """Quiet-box rows of one budget: time against the baseline's, PPL bought per minute."""
     base = _baseline(records)
-    records = sorted(records, key=lambda r: (len(levers(r)), r["ppl"]))
+    records = sorted(records, key=lambda r: (r is not base, len(levers(r)), r["ppl"]))
     lines = [f"**≈ {budget} bits, quiet box**", "",
              "| levers | stored bits | PPL (P1) | vs baseline | calibrate + quantize "
              "| × baseline | PPL per extra minute | solver | load (1-min avg) | date, git | row |",
@@ -110,7 +110,7 @@ def quiet_table(budget: float, records: list[dict]) -> list[str]:
             delta = f"{r['ppl'] - base['ppl']:+.3f}"
             ratio = f"{r['quant_seconds'] / base['quant_seconds']:.2f}×"
             extra = (r["quant_seconds"] - base["quant_seconds"]) / 60
-            if extra > 0:
+            if extra > 0 and levers(r):
                 per_minute = f"{(base['ppl'] - r['ppl']) / extra:+.3f}"
         lines.append(
             f"| {_name(r, base)} | "

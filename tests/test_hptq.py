@@ -159,8 +159,12 @@ def test_babai_config_hptq_stores_the_stream_and_loads_decoded(tmp_path):
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("mode", ["observe", "sequential"])
 @pytest.mark.parametrize("clip", ["hptq", "ssqr"])
-def test_quantize_model_with_no_clipping_formats(smollm2_small, calibration_small, clip):
+def test_quantize_model_with_no_clipping_formats(smollm2_small, calibration_small, clip, mode):
+    """Both unclipped formats through ``quantize_model``, float-model (observe) and
+    sequential Hessians alike: every layer holds the format, its certificate's E ≤ B, the
+    report counts the stored bytes, HPTQ hits its budget."""
     import copy
 
     from babai_ao import quantize_model
@@ -172,7 +176,7 @@ def test_quantize_model_with_no_clipping_formats(smollm2_small, calibration_smal
     model.model.layers = model.model.layers[:1]
     config = (babai_config(clip="hptq", target_bits=3.3, order="natural") if clip == "hptq"
               else babai_config(bits=3, group_size=64, clip="ssqr", order="natural"))
-    report = quantize_model(model, config, calibration_small, mode="observe", progress=False)
+    report = quantize_model(model, config, calibration_small, mode=mode, progress=False)
     assert len(report.rows) == 7 and report.bound_checks() == (7, 7)
     kind = HuffmanQuantizedTensor if clip == "hptq" else BabaiQuantizedTensor
     weights = {f"model.layers.0.{n}": m.weight for n, m in model.model.layers[0].named_modules()
