@@ -184,3 +184,25 @@ def test_two_pass_quantization_passes_tuning_on():
     assert tuned_codes.keys() == plain_codes.keys() and len(tuned_codes) == 7
     assert all(torch.equal(tuned_codes[n], plain_codes[n]) for n in plain_codes)
     assert tuned_bits == plain_bits
+
+
+@pytest.mark.parametrize("tiles", [True, False])
+def test_two_pass_quantization_passes_the_hessian_tiling_to_the_lambda_pass(monkeypatch, tiles):
+    """``hessian_tiles=False`` means plain ``XᵀX`` for every Hessian of the run, the λ pass's
+    included (it used to tile there whatever the option said)."""
+    from babai_ao.calibration import allocation
+    from babai_ao.lattice import hessian
+
+    seen = []
+    original = allocation.allocate_layer_bits
+
+    def spy(*args, **kwargs):
+        seen.append(hessian.default_tiles(1536))  # what a wide layer's accumulator would use
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(allocation, "allocate_layer_bits", spy)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    quantize_model_allocated(tiny_llama(layers=1), babai_config(clip="hptq", target_bits=3.0),
+                             ids, batch_size=4, fisher_windows=4, progress=False,
+                             hessian_tiles=tiles)
+    assert seen == [hessian.hessian_tiles(1536) if tiles else 1]

@@ -34,6 +34,7 @@ from babai_ao.errors import BabaiError
 from babai_ao.formats import hptq
 from babai_ao.formats.allocation import RateCurve, allocate, model_error
 from babai_ao.kernels import cpu_int4
+from babai_ao.lattice.hessian import tiling
 
 from .batches import calibration_batches
 from .blocks import decoder_blocks
@@ -243,9 +244,10 @@ def quantize_model_allocated(model: nn.Module, config: Any, calibration: Any, *,
     """Both passes: per-layer bits from one λ, then ``quantize_model`` hitting them; the
     other ``quantize_model`` options (``tune``, ``forward_dtype``, ``hessian_tiles``, …) go
     to the second pass."""
-    bits = allocate_layer_bits(model, config, calibration, fisher_windows=fisher_windows,
-                               batch_size=batch_size, blocks=blocks, progress=progress,
-                               filter_fn=filter_fn)
+    with tiling(quantize_options.get("hessian_tiles", True)):  # the λ pass's Hessians too
+        bits = allocate_layer_bits(model, config, calibration, fisher_windows=fisher_windows,
+                                   batch_size=batch_size, blocks=blocks, progress=progress,
+                                   filter_fn=filter_fn)
     report = quantize_model(model, PerLayerTargets(config, bits.targets), calibration,
                             mode=mode, batch_size=batch_size, progress=progress,
                             blocks=blocks, filter_fn=filter_fn, **quantize_options)
