@@ -243,7 +243,7 @@ def quantize_model_allocated(model: nn.Module, config: Any, calibration: Any, *,
                              ) -> tuple[QuantizationReport, LayerBits]:
     """Both passes: per-layer bits from one λ, then ``quantize_model`` hitting them; the
     other ``quantize_model`` options (``tune``, ``forward_dtype``, ``hessian_tiles``, …) go
-    to the second pass."""
+    to the second pass; ``hessian_tiles`` also sets how the first pass forms its Hessians."""
     with tiling(quantize_options.get("hessian_tiles", True)):  # the λ pass's Hessians too
         bits = allocate_layer_bits(model, config, calibration, fisher_windows=fisher_windows,
                                    batch_size=batch_size, blocks=blocks, progress=progress,
