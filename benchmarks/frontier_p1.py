@@ -104,7 +104,9 @@ def _name(r: dict, base: dict | None) -> str:
         return " + ".join(levers(r))
     if base is None or r is base:
         return "none (sequential HPTQ, act order)"
-    return "none, plain (untiled) XᵀX Hessians"
+    if r.get("hessian_tiles") is False:
+        return "none, plain (untiled) XᵀX Hessians"
+    return "none (sequential HPTQ, act order), another run"
 
 
 def report() -> str:
